@@ -1,0 +1,37 @@
+"""Typed experiment configuration: schema, YAML loading, overrides and one-line errors."""
+
+from evl_platform.config.errors import ConfigError
+from evl_platform.config.loader import (
+    dump_config,
+    flatten_config,
+    load_config,
+    parse_override,
+)
+from evl_platform.config.schema import (
+    AugmentConfig,
+    BackboneConfig,
+    DataConfig,
+    DecoderConfig,
+    ExperimentConfig,
+    HeadConfig,
+    ModelConfig,
+    TestViewsConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "AugmentConfig",
+    "BackboneConfig",
+    "ConfigError",
+    "DataConfig",
+    "DecoderConfig",
+    "ExperimentConfig",
+    "HeadConfig",
+    "ModelConfig",
+    "TestViewsConfig",
+    "TrainConfig",
+    "dump_config",
+    "flatten_config",
+    "load_config",
+    "parse_override",
+]

@@ -1,0 +1,235 @@
+"""Typed, frozen experiment configuration.
+
+Every YAML file is validated into :class:`ExperimentConfig` once, at the boundary; code inside a
+process only ever sees these models. Unknown keys are rejected (``extra="forbid"``) so a typo can
+never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Profile = Literal["local", "paper"]
+BackboneMode = Literal["frozen", "finetune"]
+BackboneDtype = Literal["float32", "float16", "bfloat16"]
+FeatureShape = Literal["spatiotemporal", "temporal_token", "temporal_avg", "spatial_avg"]
+SamplingMode = Literal["dense", "uniform"]
+AnnotationFormat = Literal["evl_list", "kinetics_csv", "ssv2_json"]
+VideoDecoder = Literal["decord", "pyav"]
+AmpDtype = Literal["none", "float16", "bfloat16"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackboneConfig(_Frozen):
+    """The CLIP image encoder.
+
+    Attributes:
+        name: a registered backbone (``evl-platform model-info --list-backbones``) or any
+            open_clip ViT model name such as ``ViT-B-16``.
+        pretrained: ``None`` for seeded random init, an open_clip pretrained tag (``openai``),
+            or a path to a local weights file.
+        mode: ``frozen`` (eval, no gradients, no autograd graph) or ``finetune``.
+        dtype: storage and compute dtype of a frozen backbone; a finetuned one is float32.
+        quick_gelu: use QuickGELU activations, as OpenAI's CLIP weights were trained with.
+        init_seed: seed of the random init when ``pretrained`` is ``None``.
+    """
+
+    name: str = "tiny-vit"
+    pretrained: str | None = None
+    mode: BackboneMode = "frozen"
+    dtype: BackboneDtype = "float32"
+    quick_gelu: bool = True
+    init_seed: int = 0
+
+    @model_validator(mode="after")
+    def _finetune_is_fp32(self) -> BackboneConfig:
+        if self.mode == "finetune" and self.dtype != "float32":
+            raise ValueError(
+                f"dtype {self.dtype!r} is only for a frozen backbone; a finetuned backbone is "
+                "float32 (use train.amp for mixed precision)"
+            )
+        return self
+
+
+class DecoderConfig(_Frozen):
+    """The EVL Transformer decoder and its local temporal modules (paper section 3).
+
+    Attributes:
+        num_layers: decoder depth M.
+        feature_layers: backbone block index read by each decoder layer (negative counts from
+            the end); ``None`` means the last M blocks, ``[-M, ..., -1]``.
+        num_heads: attention heads; ``None`` uses the backbone's head count.
+        mlp_ratio: MLP expansion factor.
+        mlp_dropout: dropout inside the decoder MLP.
+        temporal_conv: T-Conv, depthwise temporal convolution.
+        temporal_pos_embed: T-PE, learned temporal position embedding.
+        temporal_cross_attn: T-CA, attention maps between adjacent frames.
+        feature_shape: Table 6c feature reduction fed to the decoder.
+    """
+
+    num_layers: int = Field(4, ge=1)
+    feature_layers: tuple[int, ...] | None = None
+    num_heads: int | None = Field(None, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    mlp_dropout: float = Field(0.5, ge=0, lt=1)
+    temporal_conv: bool = True
+    temporal_pos_embed: bool = True
+    temporal_cross_attn: bool = False
+    feature_shape: FeatureShape = "spatiotemporal"
+
+    @model_validator(mode="after")
+    def _one_layer_index_per_decoder_layer(self) -> DecoderConfig:
+        if self.feature_layers is not None and len(self.feature_layers) != self.num_layers:
+            raise ValueError(
+                f"feature_layers has {len(self.feature_layers)} entries but num_layers is "
+                f"{self.num_layers}; give one backbone layer per decoder layer"
+            )
+        return self
+
+    def resolved_feature_layers(self) -> tuple[int, ...]:
+        """Backbone block indices read by the decoder layers, in decoder order."""
+        if self.feature_layers is not None:
+            return self.feature_layers
+        return tuple(range(-self.num_layers, 0))
+
+
+class HeadConfig(_Frozen):
+    """Classification head: LayerNorm -> Dropout -> Linear."""
+
+    dropout: float = Field(0.5, ge=0, lt=1)
+
+
+class ModelConfig(_Frozen):
+    backbone: BackboneConfig = BackboneConfig()
+    decoder: DecoderConfig = DecoderConfig()
+    head: HeadConfig = HeadConfig()
+
+
+class TestViewsConfig(_Frozen):
+    """Views averaged at test time (paper: 3 temporal x 1 spatial)."""
+
+    temporal: int = Field(3, ge=1)
+    spatial: Literal[1, 3] = 1
+
+    @property
+    def total(self) -> int:
+        return self.temporal * self.spatial
+
+
+class AugmentConfig(_Frozen):
+    """Training augmentation, identical for every frame of a clip.
+
+    Attributes:
+        random_resized_crop: random resized crop scale range; ``None`` disables it.
+        rand_augment: RandAugment as ``m<magnitude>-n<ops>`` (paper ``m7-n4``); ``None`` disables.
+        horizontal_flip: random horizontal flips; must be off for direction-sensitive data.
+    """
+
+    random_resized_crop: tuple[float, float] | None = (0.08, 1.0)
+    rand_augment: str | None = Field("m7-n4", pattern=r"^m\d+-n\d+$")
+    horizontal_flip: bool = True
+
+    @property
+    def is_deterministic(self) -> bool:
+        """True when no random augmentation is applied (frozen features may be cached)."""
+        return (
+            self.random_resized_crop is None
+            and self.rand_augment is None
+            and not self.horizontal_flip
+        )
+
+
+class DataConfig(_Frozen):
+    """Dataset, annotations and clip sampling.
+
+    Attributes:
+        dataset: dataset name carried into every result (``kinetics400``, ``ssv2``, or a
+            stand-in: ``synthetic-appearance``, ``synthetic-motion``).
+        format: annotation format of the split files.
+        root: directory the video paths in the annotations are relative to; ``None`` for
+            synthetic stand-ins, which are generated into the cache directory.
+        train_annotations / val_annotations: annotation files (relative to the YAML file).
+        label_map: SSv2 labels JSON (name -> index); optional for the other formats.
+        num_classes: classifier width.
+        num_frames: frames per clip (T).
+        sampling: ``dense`` (frames x stride) or ``uniform`` (one frame per segment).
+        stride: frame stride of dense sampling.
+        test_views: temporal x spatial views averaged at test time.
+        augment: training augmentation.
+        decoder: video decoding backend.
+        max_bad_fraction: fraction of unreadable videos above which a run stops.
+        decode_timeout_s: per-video decoding time limit.
+        num_workers: loader worker processes per training worker.
+    """
+
+    dataset: str = "synthetic-motion"
+    format: AnnotationFormat = "ssv2_json"
+    root: str | None = None
+    train_annotations: str | None = None
+    val_annotations: str | None = None
+    label_map: str | None = None
+    num_classes: int = Field(10, ge=2)
+    num_frames: int = Field(8, ge=1)
+    sampling: SamplingMode = "uniform"
+    stride: int = Field(16, ge=1)
+    test_views: TestViewsConfig = TestViewsConfig()
+    augment: AugmentConfig = AugmentConfig()
+    decoder: VideoDecoder = "decord"
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    decode_timeout_s: float = Field(30.0, gt=0)
+    num_workers: int = Field(2, ge=0)
+
+
+class TrainConfig(_Frozen):
+    """Optimisation recipe (paper: AdamW, lr 4e-4, weight decay 0.05, cosine schedule).
+
+    Attributes:
+        batch_size: global batch size across all workers.
+        batch_split: split each batch into this many sequential chunks (gradient accumulation).
+        amp: autocast dtype on GPU; ignored on CPU.
+    """
+
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float = Field(4e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    schedule: Literal["cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    num_steps: int = Field(50_000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    batch_split: int = Field(1, ge=1)
+    amp: AmpDtype = "float16"
+    eval_every: int = Field(5_000, ge=1)
+    checkpoint_every: int = Field(5_000, ge=1)
+
+    @model_validator(mode="after")
+    def _split_divides_batch(self) -> TrainConfig:
+        if self.batch_size % self.batch_split:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by batch_split {self.batch_split}"
+            )
+        return self
+
+
+class ExperimentConfig(_Frozen):
+    """One whole training run: model, data, recipe, and the profile it belongs to.
+
+    Attributes:
+        name: experiment name (defaults to the YAML file's stem).
+        profile: ``local`` (CPU, stand-ins, tiny backbone) or ``paper`` (GPUs, real data).
+        seed: global seed of the run.
+        profiles: per-profile overlays (nested mappings of the keys above), applied when that
+            profile is selected; resolved away by the loader, so always empty after loading.
+    """
+
+    name: str = "experiment"
+    profile: Profile = "local"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    profiles: dict[Profile, dict] = Field(default_factory=dict)
