@@ -1,0 +1,192 @@
+"""The EVL Transformer decoder (paper eqs. 1-4): one learned query reads backbone features.
+
+Decoder layer i modulates the features of backbone block ``feature_layers[i]`` with its
+temporal modules, ``Y = X + T-Conv(X) + T-PE + T-CA(q, k)``, reduces them to key/value tokens
+(Table 6c feature shape), and refines the query with a pre-norm cross-attention block.
+An ablated temporal module is ``None``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from evl_platform.models.backbone import BlockFeatures
+from evl_platform.models.temporal import (
+    TemporalConv,
+    TemporalCrossAttention,
+    TemporalPositionalEmbedding,
+)
+from evl_platform.registry import Registry
+
+FeatureReducer = Callable[[torch.Tensor], torch.Tensor]
+FEATURE_SHAPES: Registry[FeatureReducer] = Registry("feature shape")
+
+
+@FEATURE_SHAPES.register("spatiotemporal")
+def spatiotemporal(y: torch.Tensor) -> torch.Tensor:
+    """Every token of every frame: (N, T, L, C) -> (N, T*L, C)."""
+    return y.flatten(1, 2)
+
+
+@FEATURE_SHAPES.register("temporal_token")
+def temporal_token(y: torch.Tensor) -> torch.Tensor:
+    """Temporal only, per-frame cls token: (N, T, L, C) -> (N, T, C)."""
+    return y[:, :, 0]
+
+
+@FEATURE_SHAPES.register("temporal_avg")
+def temporal_avg(y: torch.Tensor) -> torch.Tensor:
+    """Temporal only, per-frame mean of the patch tokens: (N, T, L, C) -> (N, T, C)."""
+    return y[:, :, 1:].mean(dim=2)
+
+
+@FEATURE_SHAPES.register("spatial_avg")
+def spatial_avg(y: torch.Tensor) -> torch.Tensor:
+    """Spatial only, mean over time: (N, T, L, C) -> (N, L, C)."""
+    return y.mean(dim=1)
+
+
+class QuickGELU(nn.Module):
+    """CLIP's sigmoid approximation of GELU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class DecoderAttention(nn.Module):
+    """Multi-head attention with separate q/k/v projections (query and key counts differ).
+
+    Args:
+        width: channels C of queries, keys and values.
+        num_heads: attention heads.
+    """
+
+    def __init__(self, *, width: int, num_heads: int) -> None:
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"model.decoder.num_heads: {num_heads} does not divide width {width}")
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+        for linear in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        n, lq, c = query.shape
+        lk, heads = context.shape[1], self.num_heads
+        q = self.q_proj(query).view(n, lq, heads, c // heads)  # (N, Lq, H, D)
+        k = self.k_proj(context).view(n, lk, heads, c // heads)  # (N, Lk, H, D)
+        v = self.v_proj(context).view(n, lk, heads, c // heads)
+        attn = torch.einsum("nqhd,nkhd->nqkh", q * (c // heads) ** -0.5, k).softmax(dim=-2)
+        mixed = torch.einsum("nqkh,nkhd->nqhd", attn, v)  # (N, Lq, H, D)
+        return self.out_proj(mixed.flatten(-2))  # (N, Lq, C)
+
+
+class DecoderBlock(nn.Module):
+    """``q = q + MHA(LN1(q), LN3(Y), LN3(Y)); q = q + MLP(LN2(q))`` (no self-attention).
+
+    Args:
+        width: channels C.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / C.
+        mlp_dropout: dropout after the MLP activation.
+    """
+
+    def __init__(self, *, width: int, num_heads: int, mlp_ratio: float, mlp_dropout: float):
+        super().__init__()
+        hidden = round(mlp_ratio * width)
+        self.norm1 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width)
+        self.norm3 = nn.LayerNorm(width)
+        self.attn = DecoderAttention(width=width, num_heads=num_heads)
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                fc1=nn.Linear(width, hidden),
+                act=QuickGELU(),
+                dropout=nn.Dropout(mlp_dropout),
+                fc2=nn.Linear(hidden, width),
+            )
+        )
+        for linear in (self.mlp.fc1, self.mlp.fc2):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.normal_(linear.bias, std=1e-6)
+
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        context = self.norm3(tokens)
+        query = query + self.attn(self.norm1(query), context)
+        return query + self.mlp(self.norm2(query))
+
+
+class EVLDecoderLayer(nn.Module):
+    """Temporal modulation of one backbone layer's features, then one decoder block.
+
+    Args:
+        block: the cross-attention block.
+        reduce: feature-shape reducer, (N, T, L, C) -> (N, S, C).
+        temporal_conv: T-Conv, or ``None`` when ablated.
+        temporal_pos_embed: T-PE, or ``None`` when ablated.
+        temporal_cross_attn: T-CA, or ``None`` when ablated.
+    """
+
+    def __init__(
+        self,
+        *,
+        block: DecoderBlock,
+        reduce: FeatureReducer,
+        temporal_conv: TemporalConv | None = None,
+        temporal_pos_embed: TemporalPositionalEmbedding | None = None,
+        temporal_cross_attn: TemporalCrossAttention | None = None,
+    ) -> None:
+        super().__init__()
+        self.block = block
+        self.reduce = reduce
+        self.temporal_conv = temporal_conv
+        self.temporal_pos_embed = temporal_pos_embed
+        self.temporal_cross_attn = temporal_cross_attn
+
+    def forward(self, query: torch.Tensor, features: BlockFeatures) -> torch.Tensor:
+        x = features.out  # (N, T, L, C)
+        y = x  # out of place: several decoder layers may read the same backbone block
+        if self.temporal_conv is not None:
+            y = y + self.temporal_conv(x)
+        if self.temporal_pos_embed is not None:
+            y = y + self.temporal_pos_embed(x)
+        if self.temporal_cross_attn is not None:
+            y = y + self.temporal_cross_attn(features.q, features.k)
+        return self.block(query, self.reduce(y))
+
+
+class EVLDecoder(nn.Module):
+    """A zero-initialised query token refined by M decoder layers.
+
+    Args:
+        layers: decoder layers, in order.
+        width: channels C.
+    """
+
+    def __init__(self, *, layers: Sequence[EVLDecoderLayer], width: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.query = nn.Parameter(torch.zeros(width))
+
+    @property
+    def uses_qk(self) -> bool:
+        """Whether any layer needs the backbone's attention queries and keys."""
+        return any(layer.temporal_cross_attn is not None for layer in self.layers)
+
+    def forward(self, features: Sequence[BlockFeatures]) -> torch.Tensor:
+        """Maps one :class:`BlockFeatures` (N, T, L, C) per layer to the query (N, C)."""
+        if len(features) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} feature maps, got {len(features)}")
+        n = features[0].out.shape[0]
+        query = self.query.view(1, 1, -1).expand(n, 1, -1)  # (N, 1, C)
+        for layer, feats in zip(self.layers, features, strict=True):
+            query = layer(query, feats)
+        return query[:, 0]

@@ -1,0 +1,166 @@
+"""The EVL video classifier: CLIP backbone -> temporal decoder -> linear head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from evl_platform.config.schema import DecoderConfig, ExperimentConfig
+from evl_platform.models.backbone import BlockFeatures, ClipBackbone, create_backbone
+from evl_platform.models.decoder import FEATURE_SHAPES, DecoderBlock, EVLDecoder, EVLDecoderLayer
+from evl_platform.models.temporal import (
+    TemporalConv,
+    TemporalCrossAttention,
+    TemporalPositionalEmbedding,
+)
+
+
+class ClassificationHead(nn.Module):
+    """LayerNorm -> Dropout -> Linear(C, classes).
+
+    Args:
+        width: channels C.
+        num_classes: output classes.
+        dropout: dropout before the linear layer.
+    """
+
+    def __init__(self, *, width: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.norm(x)))
+
+
+class EVL(nn.Module):
+    """Frozen (or finetuned) CLIP features -> EVL decoder -> class logits.
+
+    Args:
+        backbone: the image encoder.
+        decoder: the temporal Transformer decoder.
+        head: the classification head.
+        feature_layers: non-negative backbone block index read by each decoder layer.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: ClipBackbone,
+        decoder: EVLDecoder,
+        head: ClassificationHead,
+        feature_layers: Sequence[int],
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decoder = decoder
+        self.head = head
+        self.feature_layers = tuple(feature_layers)
+
+    def extract_features(self, video: torch.Tensor) -> list[BlockFeatures]:
+        """Runs the backbone on every frame.
+
+        Args:
+            video: (N, 3, T, H, W) normalised clips.
+
+        Returns:
+            One float32 :class:`BlockFeatures` per decoder layer, ``out`` (N, T, L, C) and, when
+            T-CA is used, ``q``/``k`` (N, T, L, heads, head_dim).
+        """
+        n, _, t = video.shape[:3]
+        frames = video.transpose(1, 2).flatten(0, 1)  # (N*T, 3, H, W)
+        found = self.backbone.forward_features(
+            frames, self.feature_layers, with_qk=self.decoder.uses_qk
+        )
+
+        def unflatten(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.float().unflatten(0, (n, t))
+
+        return [
+            BlockFeatures(unflatten(f.out), unflatten(f.q), unflatten(f.k))
+            for f in (found[index] for index in self.feature_layers)
+        ]
+
+    def classify(self, features: Sequence[BlockFeatures]) -> torch.Tensor:
+        """Decoder + head on precomputed features (see :meth:`extract_features`)."""
+        return self.head(self.decoder(features))
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """Maps (N, 3, T, H, W) clips to (N, classes) logits."""
+        return self.classify(self.extract_features(video))
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Parameters EVL adds on top of the backbone (decoder, temporal modules, head)."""
+        return [*self.decoder.parameters(), *self.head.parameters()]
+
+
+def resolve_feature_layers(cfg: DecoderConfig, num_blocks: int) -> tuple[int, ...]:
+    """Turns ``feature_layers`` (negative = from the end) into checked block indices."""
+    resolved = []
+    for index in cfg.resolved_feature_layers():
+        if not -num_blocks <= index < num_blocks:
+            raise ValueError(
+                f"model.decoder.feature_layers: index {index} is out of range for a backbone "
+                f"with {num_blocks} blocks (allowed {-num_blocks}..{num_blocks - 1})"
+            )
+        resolved.append(index % num_blocks)
+    return tuple(resolved)
+
+
+def create_decoder(
+    cfg: DecoderConfig,
+    *,
+    width: int,
+    num_heads: int,
+    grid: tuple[int, int],
+    num_frames: int,
+) -> EVLDecoder:
+    """Builds the decoder, leaving every disabled temporal module as ``None``."""
+    reduce = FEATURE_SHAPES.get(cfg.feature_shape)
+    layers = [
+        EVLDecoderLayer(
+            block=DecoderBlock(
+                width=width,
+                num_heads=cfg.num_heads or num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                mlp_dropout=cfg.mlp_dropout,
+            ),
+            reduce=reduce,
+            temporal_conv=TemporalConv(width=width) if cfg.temporal_conv else None,
+            temporal_pos_embed=(
+                TemporalPositionalEmbedding(num_frames=num_frames, width=width)
+                if cfg.temporal_pos_embed
+                else None
+            ),
+            temporal_cross_attn=(
+                TemporalCrossAttention(grid=grid, width=width) if cfg.temporal_cross_attn else None
+            ),
+        )
+        for _ in range(cfg.num_layers)
+    ]
+    return EVLDecoder(layers=layers, width=width)
+
+
+def create_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> EVL:
+    """Builds the EVL model of an experiment (decoder width = backbone width).
+
+    Args:
+        cfg: the resolved experiment configuration.
+        load_weights: load the backbone's pretrained weights (``False``: seeded random init).
+    """
+    backbone = create_backbone(cfg.model.backbone, load_weights=load_weights)
+    feature_layers = resolve_feature_layers(cfg.model.decoder, backbone.num_layers)
+    decoder = create_decoder(
+        cfg.model.decoder,
+        width=backbone.width,
+        num_heads=backbone.num_heads,
+        grid=backbone.grid_size,
+        num_frames=cfg.data.num_frames,
+    )
+    head = ClassificationHead(
+        width=backbone.width, num_classes=cfg.data.num_classes, dropout=cfg.model.head.dropout
+    )
+    return EVL(backbone=backbone, decoder=decoder, head=head, feature_layers=feature_layers)
