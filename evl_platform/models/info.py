@@ -34,7 +34,7 @@ def model_info(cfg: ExperimentConfig) -> dict[str, object]:
     """
     with torch.device("meta"):
         model = create_model(cfg, load_weights=False)
-    gflops = count_gmacs(model, num_frames=cfg.data.num_frames)
+    gflops = round(count_gmacs(model, num_frames=cfg.data.num_frames), 3)
     views = cfg.data.test_views.total
     decoder = cfg.model.decoder
     return {
@@ -60,7 +60,7 @@ def model_info(cfg: ExperimentConfig) -> dict[str, object]:
         "new_params": sum(p.numel() for p in model.new_parameters()),
         "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "gflops_per_view": round(gflops, 3),
+        "gflops_per_view": gflops,
         "views": views,
         "gflops_total": round(gflops * views, 3),
     }
