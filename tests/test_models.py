@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
@@ -321,3 +326,35 @@ def test_missing_weights_file_names_the_key(tmp_path) -> None:
 def test_unknown_backbone_lists_the_registered_ones() -> None:
     with pytest.raises(ValueError, match="model.backbone.name: 'ViT-Q-99' .*tiny-vit"):
         backbone_spec("ViT-Q-99")
+
+
+@pytest.mark.parametrize(
+    ("name", "tag", "message"),
+    [
+        ("micro-vit", "openai", "'openai' is an open_clip weights tag, but 'micro-vit' is a"),
+        ("ViT-B-16", "no-such-tag", "no open_clip weights 'no-such-tag' for ViT-B-16 (available:"),
+    ],
+)
+def test_bad_pretrained_tag_names_the_key(name: str, tag: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"model.backbone.pretrained: {message}")):
+        create_backbone(BackboneConfig(name=name, pretrained=tag))
+
+
+def test_weights_that_cannot_be_downloaded_give_one_clear_error(tmp_path) -> None:
+    """Offline with an empty cache (as here): a clear message, not open_clip's traceback."""
+    code = (
+        "from evl_platform.config.schema import BackboneConfig\n"
+        "from evl_platform.models import create_backbone\n"
+        "try:\n"
+        "    create_backbone(BackboneConfig(name='ViT-B-16', pretrained='openai'))\n"
+        "except ValueError as err:\n"
+        "    print(err)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith(
+        "model.backbone.pretrained: could not load open_clip weights 'openai' for ViT-B-16"
+    )
+    assert "give a local weights file" in result.stdout

@@ -221,10 +221,7 @@ def create_backbone(cfg: BackboneConfig, *, load_weights: bool = True) -> ClipBa
     spec = backbone_spec(cfg.name)
     pretrained = cfg.pretrained if load_weights else None
     if pretrained is not None and not _is_weights_path(pretrained):
-        model = open_clip.create_model(
-            cfg.name, pretrained=pretrained, force_quick_gelu=cfg.quick_gelu
-        )
-        visual = model.visual
+        visual = _load_open_clip_pretrained(cfg, pretrained)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
@@ -234,6 +231,31 @@ def create_backbone(cfg: BackboneConfig, *, load_weights: bool = True) -> ClipBa
         if pretrained is not None:
             visual.load_state_dict(load_visual_state_dict(pretrained))
     return ClipBackbone(visual=visual, mode=cfg.mode, dtype=_DTYPES[cfg.dtype])
+
+
+def _load_open_clip_pretrained(cfg: BackboneConfig, tag: str) -> VisionTransformer:
+    """The image encoder of open_clip's ``cfg.name`` with its ``tag`` weights (e.g. openai)."""
+    key = "model.backbone.pretrained"
+    if cfg.name in BACKBONES:
+        raise ValueError(
+            f"{key}: {tag!r} is an open_clip weights tag, but {cfg.name!r} is a registered "
+            "random-init backbone; use null or a local weights file"
+        )
+    tags = open_clip.list_pretrained_tags_by_model(cfg.name)
+    if tag not in tags:
+        raise ValueError(
+            f"{key}: no open_clip weights {tag!r} for {cfg.name} "
+            f"(available: {', '.join(tags) or 'none'}; or give a local weights file)"
+        )
+    try:
+        model = open_clip.create_model(cfg.name, pretrained=tag, force_quick_gelu=cfg.quick_gelu)
+    except RuntimeError as err:
+        reason = str(err).split(". ")[0]
+        raise ValueError(
+            f"{key}: could not load open_clip weights {tag!r} for {cfg.name} ({reason}); "
+            "run once with network access to fill the cache, or give a local weights file"
+        ) from err
+    return model.visual
 
 
 def _is_weights_path(value: str) -> bool:
