@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,8 @@ def test_bad_input_gives_one_line_and_exit_2(capsys, monkeypatch, args, message)
 
 
 def test_console_script_is_installed() -> None:
-    script = shutil.which("evl-platform")
+    beside_python = Path(sys.executable).parent / "evl-platform"
+    script = str(beside_python) if beside_python.exists() else shutil.which("evl-platform")
     assert script is not None, "install the package: pip install -e ."
     result = subprocess.run(
         [script, "model-info", "experiments/local_motion_tiny.yaml", "--json"],

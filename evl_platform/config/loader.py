@@ -31,7 +31,7 @@ from evl_platform.config.errors import (
     format_validation_error,
     unknown_key_message,
 )
-from evl_platform.config.schema import ExperimentConfig, Profile
+from evl_platform.config.schema import ExperimentConfig, Profile, is_weights_path
 
 PROFILES: tuple[str, ...] = get_args(Profile)
 DEFAULT_PROFILE = "local"
@@ -42,7 +42,6 @@ PATH_KEYS: tuple[Key, ...] = (
     ("data", "label_map"),
 )
 PRETRAINED_KEY: Key = ("model", "backbone", "pretrained")
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _NOT_IN_OVERLAY = ("base", "profile", "profiles")
 
 
@@ -226,16 +225,9 @@ def _resolve_paths(tree: dict[Any, Any], directory: Path) -> None:
             node = node.get(part) if isinstance(node, dict) else None
         if not isinstance(node, dict) or not isinstance(node.get(leaf), str) or not node[leaf]:
             continue
-        if key == PRETRAINED_KEY and not _looks_like_path(node[leaf]):
+        if key == PRETRAINED_KEY and not is_weights_path(node[leaf]):
             continue
         node[leaf] = os.path.normpath(os.path.join(directory, os.path.expanduser(node[leaf])))
-
-
-def _looks_like_path(value: str) -> bool:
-    """A pretrained value is a weights file rather than an open_clip tag (``openai``)."""
-    if value.startswith("hf-hub:") or "://" in value:
-        return False
-    return "/" in value or value.endswith(WEIGHT_SUFFIXES)
 
 
 # --- merging, profiles, overrides ------------------------------------------------------------

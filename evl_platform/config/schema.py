@@ -21,6 +21,20 @@ VideoDecoder = Literal["decord", "pyav"]
 AmpDtype = Literal["none", "float16", "bfloat16"]
 
 
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def is_weights_path(pretrained: str) -> bool:
+    """Whether a ``model.backbone.pretrained`` value names a local file, not an open_clip tag.
+
+    A path contains ``/`` or ends with a weights suffix; ``openai`` or ``laion2b_s34b_b88k`` are
+    tags, and so are ``hf-hub:`` and URL values, which open_clip resolves itself.
+    """
+    if pretrained.startswith("hf-hub:") or "://" in pretrained:
+        return False
+    return "/" in pretrained or pretrained.endswith(WEIGHT_SUFFIXES)
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

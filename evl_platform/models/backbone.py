@@ -19,11 +19,10 @@ from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from evl_platform.config.schema import BackboneConfig
+from evl_platform.config.schema import BackboneConfig, is_weights_path
 from evl_platform.registry import Registry
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 @dataclass(frozen=True)
@@ -220,7 +219,7 @@ def create_backbone(cfg: BackboneConfig, *, load_weights: bool = True) -> ClipBa
     """
     spec = backbone_spec(cfg.name)
     pretrained = cfg.pretrained if load_weights else None
-    if pretrained is not None and not _is_weights_path(pretrained):
+    if pretrained is not None and not is_weights_path(pretrained):
         visual = _load_open_clip_pretrained(cfg, pretrained)
     else:
         with torch.random.fork_rng(devices=[]):
@@ -256,10 +255,6 @@ def _load_open_clip_pretrained(cfg: BackboneConfig, tag: str) -> VisionTransform
             "run once with network access to fill the cache, or give a local weights file"
         ) from err
     return model.visual
-
-
-def _is_weights_path(value: str) -> bool:
-    return "/" in value or value.endswith(_WEIGHT_SUFFIXES) or Path(value).is_file()
 
 
 def load_visual_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
