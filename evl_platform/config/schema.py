@@ -148,15 +148,6 @@ class AugmentConfig(_Frozen):
     rand_augment: str | None = Field("m7-n4", pattern=r"^m\d+-n\d+$")
     horizontal_flip: bool = True
 
-    @property
-    def is_deterministic(self) -> bool:
-        """True when no random augmentation is applied (frozen features may be cached)."""
-        return (
-            self.random_resized_crop is None
-            and self.rand_augment is None
-            and not self.horizontal_flip
-        )
-
 
 class DataConfig(_Frozen):
     """Dataset, annotations and clip sampling.
