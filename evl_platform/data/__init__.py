@@ -1,0 +1,1 @@
+"""Video data: annotations, decoding, sampling, transforms, synthetic stand-ins, checks."""
