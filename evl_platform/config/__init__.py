@@ -15,6 +15,7 @@ from evl_platform.config.schema import (
     ExperimentConfig,
     HeadConfig,
     ModelConfig,
+    SyntheticConfig,
     TestViewsConfig,
     TrainConfig,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "ExperimentConfig",
     "HeadConfig",
     "ModelConfig",
+    "SyntheticConfig",
     "TestViewsConfig",
     "TrainConfig",
     "dump_config",

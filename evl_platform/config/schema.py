@@ -149,6 +149,26 @@ class AugmentConfig(_Frozen):
     horizontal_flip: bool = True
 
 
+class SyntheticConfig(_Frozen):
+    """How a synthetic stand-in dataset is generated (used when ``data.root`` is null).
+
+    Attributes:
+        clips_per_class / val_clips_per_class: training / validation clips per class.
+        video_frames: frames per generated video.
+        width / height: video size in pixels (even numbers, for yuv420p H.264).
+        fps: frame rate written into the files.
+        seed: generation seed; the same settings give byte-identical files.
+    """
+
+    clips_per_class: int = Field(40, ge=1)
+    val_clips_per_class: int = Field(10, ge=1)
+    video_frames: int = Field(32, ge=2)
+    width: int = Field(128, ge=16, multiple_of=2)
+    height: int = Field(96, ge=16, multiple_of=2)
+    fps: int = Field(12, ge=1)
+    seed: int = 0
+
+
 class DataConfig(_Frozen):
     """Dataset, annotations and clip sampling.
 
@@ -166,6 +186,11 @@ class DataConfig(_Frozen):
         stride: frame stride of dense sampling.
         test_views: temporal x spatial views averaged at test time.
         augment: training augmentation.
+        video_extension: video file suffix for formats that derive file names from ids
+            (``None``: ``.mp4`` for Kinetics CSV, ``.webm`` for SSv2 JSON).
+        min_frames: videos with fewer decodable frames are bad ("too short"); ``None`` means
+            ``num_frames``. Longer videos shorter than a dense clip's span are clamped.
+        synthetic: generation settings of the synthetic stand-ins.
         decoder: video decoding backend.
         max_bad_fraction: fraction of unreadable videos above which a run stops.
         decode_timeout_s: per-video decoding time limit.
@@ -184,6 +209,9 @@ class DataConfig(_Frozen):
     stride: int = Field(16, ge=1)
     test_views: TestViewsConfig = TestViewsConfig()
     augment: AugmentConfig = AugmentConfig()
+    video_extension: str | None = Field(None, pattern=r"^\.\w+$")
+    min_frames: int | None = Field(None, ge=1)
+    synthetic: SyntheticConfig = SyntheticConfig()
     decoder: VideoDecoder = "decord"
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     decode_timeout_s: float = Field(30.0, gt=0)
