@@ -1,0 +1,1 @@
+"""Speed measurements: data loading (and, later, training steps, inference, sweeps)."""

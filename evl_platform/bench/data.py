@@ -1,0 +1,171 @@
+"""``evl-platform bench data``: the full loader against raw decoding of the same frames.
+
+Both sides get the same worker processes (one decoding thread each) and the same clips: the
+same videos and frame indices, drawn with the dataset's own per-item seeds. The raw side only
+opens each video with decord and fetches those frames; the loader side also samples, augments,
+normalises, collates and ships batches to the main process. Both are timed in steady state
+(workers already started, files already in the page cache) and the ratio of their clips/s is
+the loader's efficiency.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from evl_platform.config import ExperimentConfig
+from evl_platform.data.dataset import VideoDataset, VideoLoader
+from evl_platform.data.decode import decode_views
+from evl_platform.data.source import create_dataset, read_splits
+
+TARGET_RATIO = 0.9
+
+
+@dataclass
+class DataBench:
+    """Results of one ``bench data`` run."""
+
+    experiment: str
+    dataset: str
+    split: str
+    clips: int
+    clip_shape: tuple[int, ...]
+    workers: int
+    decoder: str
+    raw_clips_per_s: float
+    loader_clips_per_s: float
+    decode_ms: float
+    transform_ms: float
+    machine: str
+
+    @property
+    def ratio(self) -> float:
+        """Loader clips/s over raw decode clips/s."""
+        return self.loader_clips_per_s / self.raw_clips_per_s
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields, including the ratio and the target."""
+        return {**self.__dict__, "ratio": self.ratio, "target_ratio": TARGET_RATIO}
+
+    def render(self) -> str:
+        """The printed table."""
+        verdict = "meets" if self.ratio >= TARGET_RATIO else "below"
+        shape = "x".join(map(str, self.clip_shape))
+        return "\n".join(
+            [
+                f"bench data: {self.experiment} ({self.dataset}, {self.split} split, "
+                f"{self.clips} clips of {shape}, {self.workers} worker(s), {self.decoder})",
+                f"  machine          {self.machine}",
+                f"  raw decode       {self.raw_clips_per_s:8.1f} clips/s  "
+                "(decord, same frames, same processes)",
+                f"  full loader      {self.loader_clips_per_s:8.1f} clips/s  "
+                "(decode + sample + augment + collate)",
+                f"  ratio            {self.ratio:8.2f}  ({verdict} the {TARGET_RATIO} target)",
+                f"  per clip, 1 core decode {self.decode_ms:.2f} ms, "
+                f"sample + transform {self.transform_ms:.2f} ms",
+            ]
+        )
+
+
+def machine_description() -> str:
+    """CPU model, core count and platform, for benchmark records."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def _raw_decode(task: tuple[str, int, int, tuple]) -> int:
+    """Decodes one clip's frames with the dataset's sampling draw; returns the frame count."""
+    path, index, epoch, (sampler, seed) = task
+    rng = np.random.default_rng([seed, epoch, index])
+    views = decode_views(path, lambda length: sampler(length, rng), decoder="decord")
+    return sum(len(v) for v in views)
+
+
+def _raw_rate(dataset: VideoDataset, indices: list[int], workers: int, epoch: int) -> float:
+    context = (dataset.sampler, dataset.seed)
+    tasks = [(str(dataset.records[i].path), i, epoch, context) for i in indices]
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_raw_decode, tasks[: workers * 2]))  # start the processes
+        start = time.perf_counter()
+        list(pool.map(_raw_decode, tasks, chunksize=8))
+        return len(tasks) / (time.perf_counter() - start)
+
+
+def _loader_rate(dataset: VideoDataset, workers: int, batch_size: int, epoch: int) -> float:
+    loader = VideoLoader(
+        dataset, batch_size=batch_size, num_workers=workers, shuffle=False, max_bad_fraction=1.0
+    )
+    batches = loader.epoch(epoch)
+    next(batches)  # workers started, first batch delivered
+    start, clips = time.perf_counter(), 0
+    for batch in batches:
+        clips += len(batch.labels)
+    return clips / (time.perf_counter() - start)
+
+
+def _per_clip_ms(dataset: VideoDataset, indices: list[int]) -> tuple[float, float]:
+    """Single-process decode and transform cost per clip."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    decode = transform = 0.0
+    for index in indices:
+        rng = np.random.default_rng([dataset.seed, 0, index])
+        t0 = time.perf_counter()
+        views = decode_views(
+            dataset.records[index].path, lambda n, rng=rng: dataset.sampler(n, rng)
+        )
+        t1 = time.perf_counter()
+        if dataset.train:
+            dataset.transform(views[0], rng)
+        else:
+            [dataset.transform(v) for v in views]
+        decode, transform = decode + t1 - t0, transform + time.perf_counter() - t1
+    torch.set_num_threads(threads)
+    return 1000 * decode / len(indices), 1000 * transform / len(indices)
+
+
+def bench_data(
+    cfg: ExperimentConfig, *, workers: int, clips: int = 512, split: str = "train"
+) -> DataBench:
+    """Measures loader and raw-decode clips/s on ``clips`` clips of ``split``."""
+    annotations = read_splits(cfg.data)[split]
+    dataset = create_dataset(cfg, annotations, train=split == "train")
+    indices = [i % len(dataset) for i in range(clips)]
+    subset = VideoDataset(
+        dataclasses.replace(annotations, records=tuple(dataset.records[i] for i in indices)),
+        data=cfg.data,
+        image_size=dataset.transform.size,
+        train=dataset.train,
+        seed=dataset.seed,
+    )
+    decode_ms, transform_ms = _per_clip_ms(subset, list(range(min(64, clips))))
+    batch = max(1, min(cfg.train.batch_size, clips // (4 * workers) or 1))
+    loader = _loader_rate(subset, workers, batch, epoch=1)
+    raw = _raw_rate(subset, list(range(clips)), workers, epoch=1)
+    sample = subset[0].clip
+    return DataBench(
+        experiment=cfg.name,
+        dataset=cfg.data.dataset,
+        split=split,
+        clips=clips,
+        clip_shape=tuple(sample.shape),
+        workers=workers,
+        decoder=cfg.data.decoder,
+        raw_clips_per_s=raw,
+        loader_clips_per_s=loader,
+        decode_ms=decode_ms,
+        transform_ms=transform_ms,
+        machine=machine_description(),
+    )
