@@ -308,7 +308,8 @@ def random_resized_crop(
 
 
 def resize_short_side(clip: torch.Tensor, size: int) -> torch.Tensor:
-    """Resizes so the shorter side is ``size``, keeping the aspect ratio."""
+    """Resizes so the shorter side is ``size``, keeping the aspect ratio (bilinear without
+    antialiasing, as the official code's test-time ``F.interpolate``)."""
     height, width = clip.shape[-2:]
     if height <= width:
         new = (size, max(size, round(width * size / height)))
@@ -316,7 +317,7 @@ def resize_short_side(clip: torch.Tensor, size: int) -> torch.Tensor:
         new = (max(size, round(height * size / width)), size)
     if new == (height, width):
         return clip
-    return F.resize(clip, list(new), antialias=True)
+    return F.resize(clip, list(new), antialias=False)
 
 
 def spatial_crops(clip: torch.Tensor, *, size: int, count: int) -> list[torch.Tensor]:
