@@ -252,7 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, AnnotationError, DataSourceError) as err:
+    except DataSourceError as err:  # a data.* value: name the experiment file too
+        print(f"error: {args.config}: {err}", file=sys.stderr)
+        return 2
+    except (ConfigError, AnnotationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

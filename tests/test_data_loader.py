@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import BAD_KINDS_WRITTEN, SMALL, write_bad_videos, write_config
 
+from evl_platform.cli import main
+from evl_platform.config import load_config
 from evl_platform.data.annotations import save_label_map
 from evl_platform.data.dataset import TooManyBadVideos, VideoLoader
 from evl_platform.data.decode import VideoError, read_clip
@@ -183,3 +185,33 @@ def test_local_profile_generates_stand_in_once(
     assert "using cached synthetic-motion stand-in at" in capfd.readouterr().err
     assert second == first
     assert len(read_splits(cfg.data)["train"].records) == 10
+
+
+EXPERIMENTS = sorted(p for p in Path("experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_loads_clips_under_the_local_profile(path: Path) -> None:
+    small = ["data.synthetic.clips_per_class=1", "data.synthetic.val_clips_per_class=1"]
+    cfg = load_config(path, profile="local", overrides=small)
+    splits = read_splits(cfg.data, progress=False)
+    assert len(splits["train"].class_names) == cfg.data.num_classes
+    train = create_dataset(cfg, splits["train"], train=True)
+    val = create_dataset(cfg, splits["val"], train=False)
+    size = 64  # tiny-vit
+    assert train[0].clip.shape == (3, cfg.data.num_frames, size, size)
+    views = cfg.data.test_views.total
+    assert val[0].clip.shape == (views, 3, cfg.data.num_frames, size, size)
+    assert train[0].bad == () and val[0].bad == ()
+
+
+@pytest.mark.parametrize("path", ["k400_vitb16_8f", "ssv2_vitb16_8f"])
+def test_paper_profile_without_data_is_one_clear_error(
+    path: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = Path("experiments", f"{path}.yaml").resolve()
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "check", str(config), "--profile", "paper"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert f"{config}: data.train_annotations: {config.parent.parent / 'data'}" in err

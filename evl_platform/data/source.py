@@ -79,6 +79,10 @@ def resolve_files(data: DataConfig, *, progress: bool = True) -> DatasetFiles:
             f"data.{missing[0]} is not set, and data.dataset {data.dataset!r} is not a "
             f"synthetic stand-in ({stand_ins}) that could be generated"
         )
+    for key in ("train_annotations", "val_annotations", "label_map", "root"):
+        value = getattr(data, key)
+        if value is not None and not Path(value).exists():
+            raise DataSourceError(f"data.{key}: {value} does not exist")
     return DatasetFiles(
         dataset=data.dataset,
         format=data.format,
