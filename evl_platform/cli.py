@@ -33,6 +33,23 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _add_workers_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help=f"{what} (default: all cores)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -81,14 +98,14 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     )
     synth.add_argument(
         "--clips-per-class",
-        type=int,
+        type=_positive_int,
         default=40,
         metavar="N",
         help="training clips per class (default 40)",
     )
     synth.add_argument(
         "--val-clips-per-class",
-        type=int,
+        type=_positive_int,
         default=10,
         metavar="N",
         help="validation clips per class (default 10)",
@@ -96,7 +113,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--seed", type=int, default=0, metavar="S", help="generation seed")
     synth.add_argument(
         "--workers",
-        type=int,
+        type=_positive_int,
         default=None,
         metavar="N",
         help="encoding processes (default: all cores)",
@@ -113,13 +130,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
         "data.max_bad_fraction, 2 the config or annotations cannot be read.",
     )
     _add_config_arguments(check)
-    check.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
-        metavar="N",
-        help="checking processes (default: all cores)",
-    )
+    _add_workers_argument(check, "checking processes")
     check.add_argument(
         "--quick",
         action="store_true",
@@ -144,15 +155,13 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         "same number of processes, and print both rates and their ratio (target >= 0.9).",
     )
     _add_config_arguments(data)
+    _add_workers_argument(data, "processes on both sides")
     data.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
+        "--clips",
+        type=_positive_int,
+        default=512,
         metavar="N",
-        help="processes on both sides (default: all cores)",
-    )
-    data.add_argument(
-        "--clips", type=int, default=512, metavar="N", help="clips timed on each side (default 512)"
+        help="clips timed on each side (default 512)",
     )
     data.add_argument(
         "--split",
