@@ -8,6 +8,7 @@ becomes a :class:`VideoError` whose ``kind`` says what was wrong with the file, 
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import os
 import threading
@@ -64,7 +65,9 @@ class VideoReader(Protocol):
 DECODERS: Registry[Callable[[Path], VideoReader]] = Registry("video decoder")
 
 
-class _Closing:
+class _Closing(abc.ABC):
+    """Context-manager plumbing shared by the readers: leaving the block closes the reader."""
+
     def __enter__(self) -> _Closing:
         return self
 
@@ -76,8 +79,9 @@ class _Closing:
     ) -> None:
         self.close()
 
-    def close(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Releases the file and decoder buffers."""
 
 
 @DECODERS.register("decord")
