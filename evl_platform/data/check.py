@@ -20,7 +20,13 @@ from tqdm import tqdm
 
 from evl_platform.config import ExperimentConfig
 from evl_platform.data.annotations import Annotations
-from evl_platform.data.decode import BAD_KINDS, VideoError, call_with_timeout, open_video
+from evl_platform.data.decode import (
+    BAD_KINDS,
+    VideoError,
+    call_with_timeout,
+    check_file,
+    open_video,
+)
 from evl_platform.data.source import read_splits
 
 MISMATCH = "frame_count_mismatch"
@@ -83,10 +89,7 @@ def probe_video(probe: Probe, *, quick: bool, decoder: str, min_frames: int) -> 
 
 def _probe_header(probe: Probe) -> None:
     path = Path(probe.path)
-    if not path.exists():
-        raise VideoError(path, "missing", "file not found")
-    if path.stat().st_size == 0:
-        raise VideoError(path, "empty", "file is 0 bytes")
+    check_file(path)
     try:
         probe.frames, probe.width, probe.height, probe.fps = read_header(probe.path)
     except Exception as err:

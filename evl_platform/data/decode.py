@@ -134,10 +134,8 @@ class PyAVReader(_Closing):
         self._frames = []
 
 
-def open_video(path: str | Path, decoder: str = "decord") -> VideoReader:
-    """Opens ``path`` with the named backend; file problems become :class:`VideoError`."""
-    path = Path(path)
-    factory = DECODERS.get(decoder)
+def check_file(path: Path) -> None:
+    """Raises a ``missing``, ``empty`` or ``unreadable`` :class:`VideoError` before any decoding."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -146,6 +144,13 @@ def open_video(path: str | Path, decoder: str = "decord") -> VideoReader:
         raise VideoError(path, "unreadable", err) from None
     if size == 0:
         raise VideoError(path, "empty", "file is 0 bytes")
+
+
+def open_video(path: str | Path, decoder: str = "decord") -> VideoReader:
+    """Opens ``path`` with the named backend; file problems become :class:`VideoError`."""
+    path = Path(path)
+    factory = DECODERS.get(decoder)
+    check_file(path)
     try:
         reader = factory(path)
     except Exception as err:  # decoders raise RuntimeError, DECORDError, av.FFmpegError, ...
