@@ -93,3 +93,18 @@ def write_config(path: Path, data: dict, **top: object) -> ExperimentConfig:
     }
     path.write_text(yaml.safe_dump(body))
     return load_config(path)
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> None:
+    """One local Ray instance (2 CPUs) shared by the tests that need it."""
+    import ray
+
+    from evl_platform.train.launcher import ray_init_options
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(**ray_init_options(num_cpus=2), log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()

@@ -40,6 +40,7 @@ PATH_KEYS: tuple[Key, ...] = (
     ("data", "train_annotations"),
     ("data", "val_annotations"),
     ("data", "label_map"),
+    ("features", "cache_dir"),
 )
 PRETRAINED_KEY: Key = ("model", "backbone", "pretrained")
 _NOT_IN_OVERLAY = ("base", "profile", "profiles")

@@ -225,6 +225,10 @@ class TrainConfig(_Frozen):
         batch_size: global batch size across all workers.
         batch_split: split each batch into this many sequential chunks (gradient accumulation).
         amp: autocast dtype on GPU; ignored on CPU.
+        warmup_steps: linear warm-up steps before the cosine decay.
+        eval_every / checkpoint_every / log_every: steps between validations, checkpoints
+            and logged training metrics (the last step always evaluates and checkpoints).
+        max_failures: automatic restarts from the last checkpoint after a worker failure.
     """
 
     optimizer: Literal["adamw"] = "adamw"
@@ -238,6 +242,8 @@ class TrainConfig(_Frozen):
     amp: AmpDtype = "float16"
     eval_every: int = Field(5_000, ge=1)
     checkpoint_every: int = Field(5_000, ge=1)
+    log_every: int = Field(50, ge=1)
+    max_failures: int = Field(3, ge=0)
 
     @model_validator(mode="after")
     def _split_divides_batch(self) -> TrainConfig:
@@ -246,6 +252,28 @@ class TrainConfig(_Frozen):
                 f"batch_size {self.batch_size} is not divisible by batch_split {self.batch_split}"
             )
         return self
+
+
+class FeaturesConfig(_Frozen):
+    """Frozen-feature reuse: backbone outputs extracted once and shared by epochs and trials.
+
+    Only valid when the backbone input never changes: a frozen backbone and deterministic
+    views (no random resized crop, RandAugment or flips). Training then reads each video
+    through one of ``train_views`` fixed temporal views (the test-time sampling), chosen at
+    random per epoch.
+
+    Attributes:
+        reuse: read backbone features from the content-addressed cache (extracting what is
+            missing first) instead of running the backbone every step.
+        train_views: fixed temporal views cached per training video.
+        dtype: storage dtype of the cached features.
+        cache_dir: cache directory; ``None`` uses ``<cache>/features`` (``$EVL_PLATFORM_CACHE``).
+    """
+
+    reuse: bool = False
+    train_views: int = Field(1, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+    cache_dir: str | None = None
 
 
 class ExperimentConfig(_Frozen):
@@ -265,4 +293,29 @@ class ExperimentConfig(_Frozen):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    features: FeaturesConfig = FeaturesConfig()
     profiles: dict[Profile, dict] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _reuse_needs_fixed_inputs(self) -> ExperimentConfig:
+        if not self.features.reuse:
+            return self
+        augment = self.data.augment
+        random_parts = [
+            f"data.augment.{name}"
+            for name, on in (
+                ("random_resized_crop", augment.random_resized_crop is not None),
+                ("rand_augment", augment.rand_augment is not None),
+                ("horizontal_flip", augment.horizontal_flip),
+            )
+            if on
+        ]
+        if self.model.backbone.mode != "frozen":
+            random_parts.insert(0, "model.backbone.mode (finetune changes the features)")
+        if random_parts:
+            raise ValueError(
+                "features.reuse needs a frozen backbone and deterministic views, but "
+                f"{', '.join(random_parts)} {'is' if len(random_parts) == 1 else 'are'} on; "
+                "turn it off or set features.reuse: false"
+            )
+        return self

@@ -91,6 +91,9 @@ class ClipBackbone(nn.Module):
     Frozen: the encoder stays in ``eval()`` whatever mode its parent is put in, holds no
     ``requires_grad`` parameters, and runs without building an autograd graph.
 
+    ``forward_images`` counts the images this encoder has run on (frozen-feature reuse is
+    checked by it staying at zero).
+
     Args:
         visual: an open_clip ``VisionTransformer`` with standard residual attention blocks.
         mode: ``frozen`` or ``finetune``.
@@ -104,6 +107,7 @@ class ClipBackbone(nn.Module):
         _check_supported(visual)
         self.visual = visual
         self.trainable = mode == "finetune"
+        self.forward_images = 0
         if not self.trainable:
             self.visual.requires_grad_(False)
             self.visual.to(dtype)
@@ -133,6 +137,16 @@ class ClipBackbone(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.visual.class_embedding.dtype
 
+    def freeze_unused(self, deepest: int) -> None:
+        """Stops training what the decoder never reads: blocks after ``deepest`` and the
+        CLIP head (``ln_post``, ``proj``). Without this, a finetuned backbone would hold
+        parameters without gradients, which DDP rejects."""
+        unused = [self.visual.ln_post, *self.visual.transformer.resblocks[deepest + 1 :]]
+        for module in unused:
+            module.requires_grad_(False)
+        if self.visual.proj is not None:
+            self.visual.proj.requires_grad_(False)
+
     def train(self, mode: bool = True) -> ClipBackbone:
         """Sets train mode; a frozen backbone always stays in eval mode."""
         return super().train(mode and self.trainable)
@@ -152,6 +166,7 @@ class ClipBackbone(nn.Module):
         """
         wanted = set(layers)
         found: dict[int, BlockFeatures] = {}
+        self.forward_images += images.shape[0]
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             x = self.visual._embeds(images.to(self.dtype))  # (B, L, C)
             for index, block in enumerate(self.visual.transformer.resblocks):

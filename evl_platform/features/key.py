@@ -1,0 +1,180 @@
+"""Content-addressed keys of cached backbone features.
+
+One cache entry holds one tensor kind (``out``, ``q`` or ``k``) of one backbone block for one
+view of every video of a split. Its key is the sha256 of a readable dict of everything that
+changes those numbers: the dataset files, the backbone and its weights, the clip sampling and
+decoding, the view set and view index, the block, the kind and the storage dtype. Variants that
+read other blocks or toggle T-CA therefore share the entries they have in common.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from evl_platform.config import DataConfig, ExperimentConfig, TestViewsConfig
+from evl_platform.config.schema import is_weights_path
+from evl_platform.data.annotations import Annotations
+from evl_platform.data.source import DatasetFiles, Split, image_size
+from evl_platform.models.backbone import backbone_spec
+from evl_platform.models.evl import resolve_feature_layers
+
+FORMAT_VERSION = 1
+"""Bump whenever what is stored for a key, or how, changes."""
+
+TensorKind = Literal["out", "q", "k"]
+SPLITS: tuple[Split, ...] = ("train", "val")
+
+
+@dataclass(frozen=True)
+class EntryRef:
+    """One cache entry: a tensor kind of one block for one view of a split's videos.
+
+    Attributes:
+        split: ``train`` or ``val``.
+        view: view index in the split's view set (temporal-major).
+        layer: non-negative backbone block index.
+        kind: ``out`` (block output), ``q`` or ``k`` (attention queries / keys).
+        key: sha256 hex digest of :attr:`inputs`.
+        inputs: the readable key inputs (saved in the entry's ``meta.json``).
+    """
+
+    split: Split
+    view: int
+    layer: int
+    kind: TensorKind
+    key: str
+    inputs: dict[str, Any]
+
+
+def view_set(cfg: ExperimentConfig, split: Split) -> TestViewsConfig:
+    """Views cached per video: the test views for ``val``; ``features.train_views`` temporal x
+    1 spatial for ``train``."""
+    if split == "val":
+        return cfg.data.test_views
+    return TestViewsConfig(temporal=cfg.features.train_views, spatial=1)
+
+
+def view_data(cfg: ExperimentConfig, split: Split) -> DataConfig:
+    """The data config whose test views are the split's cached view set."""
+    return cfg.data.model_copy(update={"test_views": view_set(cfg, split)})
+
+
+def decoder_layers(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """Non-negative block index read by each decoder layer, in decoder order (may repeat)."""
+    num_blocks = backbone_spec(cfg.model.backbone.name).vision_cfg["layers"]
+    return resolve_feature_layers(cfg.model.decoder, num_blocks)
+
+
+def tensor_kinds(cfg: ExperimentConfig) -> tuple[TensorKind, ...]:
+    """``out``, plus ``q`` and ``k`` when T-CA needs the attention queries and keys."""
+    return ("out", "q", "k") if cfg.model.decoder.temporal_cross_attn else ("out",)
+
+
+def split_entries(
+    cfg: ExperimentConfig, split: Split, annotations: Annotations, files: DatasetFiles
+) -> list[EntryRef]:
+    """Every entry the experiment reads for ``split``: views x distinct blocks x kinds."""
+    base = split_inputs(cfg, split, annotations, files)
+    return [
+        entry_ref(base, view=view, layer=layer, kind=kind)
+        for view in range(view_set(cfg, split).total)
+        for layer in sorted(set(decoder_layers(cfg)))
+        for kind in tensor_kinds(cfg)
+    ]
+
+
+def entry_ref(base: dict[str, Any], *, view: int, layer: int, kind: TensorKind) -> EntryRef:
+    """Adds the per-entry fields to a split's shared key inputs and hashes them."""
+    inputs = {**base, "view": view, "layer": layer, "kind": kind}
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
+    key = hashlib.sha256(blob.encode()).hexdigest()
+    return EntryRef(base["split"], view, layer, kind, key, inputs)
+
+
+def split_inputs(
+    cfg: ExperimentConfig, split: Split, annotations: Annotations, files: DatasetFiles
+) -> dict[str, Any]:
+    """Key inputs shared by all entries of a split."""
+    data, backbone = cfg.data, cfg.model.backbone
+    views = view_set(cfg, split)
+    return {
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "dataset": dataset_identity(annotations, files),
+        "backbone": {
+            "name": backbone.name,
+            "vision_cfg": backbone_spec(backbone.name).vision_cfg,
+            "weights": weights_identity(cfg),
+            "quick_gelu": backbone.quick_gelu,
+            "dtype": backbone.dtype,
+        },
+        "clips": {
+            "num_frames": data.num_frames,
+            "sampling": data.sampling,
+            "stride": data.stride,
+            "min_frames": data.min_frames or data.num_frames,
+            "decoder": data.decoder,
+            "image_size": image_size(cfg),
+        },
+        "views": {"temporal": views.temporal, "spatial": views.spatial},
+        "storage_dtype": cfg.features.dtype,
+    }
+
+
+def weights_identity(cfg: ExperimentConfig) -> str:
+    """The backbone weights: ``random:<init_seed>``, ``sha256:<digest>`` of a local weights
+    file, or ``open_clip:<name>:<tag>``."""
+    backbone = cfg.model.backbone
+    if backbone.pretrained is None:
+        return f"random:{backbone.init_seed}"
+    if is_weights_path(backbone.pretrained):
+        return f"sha256:{file_sha256(backbone.pretrained)}"
+    return f"open_clip:{backbone.name}:{backbone.pretrained}"
+
+
+def dataset_identity(annotations: Annotations, files: DatasetFiles) -> dict[str, Any]:
+    """The split's annotation and label-map bytes, and every listed video's path, label, size
+    and modification time (a missing video contributes ``missing``)."""
+    videos = hashlib.sha256()
+    for record in annotations.records:
+        line = [record.video_id, str(record.path), record.label, _stat_identity(record.path)]
+        videos.update(json.dumps(line).encode() + b"\n")
+    return {
+        "format": files.format,
+        "root": str(files.root) if files.root else None,
+        "annotations": str(annotations.source),
+        "annotations_sha256": file_sha256(annotations.source),
+        "label_map_sha256": file_sha256(files.label_map) if files.label_map else None,
+        "video_extension": files.video_extension,
+        "num_videos": len(annotations.records),
+        "videos_sha256": videos.hexdigest(),
+    }
+
+
+def _stat_identity(path: Path) -> list[int] | str:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "missing"
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (memoised per path, size and modification time)."""
+    stat = os.stat(path)
+    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
