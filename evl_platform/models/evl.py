@@ -153,6 +153,8 @@ def create_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> EVL:
     """
     backbone = create_backbone(cfg.model.backbone, load_weights=load_weights)
     feature_layers = resolve_feature_layers(cfg.model.decoder, backbone.num_layers)
+    if backbone.trainable:
+        backbone.freeze_unused(max(feature_layers))
     decoder = create_decoder(
         cfg.model.decoder,
         width=backbone.width,

@@ -1,0 +1,165 @@
+"""Where a training worker's batches come from: decoded videos or the frozen-feature cache.
+
+Both sources deal the same per-rank index batches (:class:`StepSampler`), so a run can resume
+at any step by recomputing its epoch and position without replaying earlier batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from evl_platform.config import ExperimentConfig
+from evl_platform.data.annotations import Annotations
+from evl_platform.data.dataset import VideoLoader
+from evl_platform.data.source import create_dataset, read_splits
+from evl_platform.train.loop import InputBatch
+
+
+class StepSampler(Sampler[int]):
+    """One rank's share of an epoch's shuffled batches, starting at a given batch.
+
+    Every epoch is a permutation seeded by ``(seed, epoch)``; the incomplete last global batch
+    is dropped; global batch ``b`` gives rank ``r`` its ``r``-th slice.
+
+    Args:
+        size: items in the split.
+        rank / world: this worker and the number of workers.
+        batch: items per rank per step.
+        seed: shuffling seed.
+    """
+
+    def __init__(self, size: int, *, rank: int, world: int, batch: int, seed: int) -> None:
+        self.size, self.rank, self.world, self.batch, self.seed = size, rank, world, batch, seed
+        self.steps_per_epoch = size // (batch * world)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"train.batch_size {batch * world} is larger than the training split "
+                f"({size} videos)"
+            )
+        self.epoch, self.first = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def start_at(self, batch: int) -> None:
+        """The next iteration begins at this batch of the epoch."""
+        self.first = batch
+
+    def batches(self, epoch: int, first: int = 0) -> list[np.ndarray]:
+        """This rank's index batches of ``epoch`` from batch ``first`` on."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        used = order[: self.steps_per_epoch * self.batch * self.world]
+        per_rank = used.reshape(self.steps_per_epoch, self.world, self.batch)[:, self.rank]
+        return list(per_rank[first:])
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in self.batches(self.epoch, self.first):
+            yield from batch.tolist()
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.first) * self.batch
+
+
+class VideoSource:
+    """Decoded, transformed clips (random training views, all test views for validation).
+
+    Args:
+        cfg: the experiment.
+        splits: the annotations of both splits.
+        rank / world: this worker and the number of workers.
+        batch: items per rank per step.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        splits: dict[str, Annotations],
+        *,
+        rank: int,
+        world: int,
+        batch: int,
+        pin_memory: bool,
+    ) -> None:
+        self.train_set = create_dataset(cfg, splits["train"], train=True)
+        self.val_set = create_dataset(cfg, splits["val"], train=False)
+        self.sampler = StepSampler(
+            len(self.train_set), rank=rank, world=world, batch=batch, seed=cfg.seed
+        )
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.val_indices = list(range(rank, len(self.val_set), world))
+        options = dict(
+            num_workers=cfg.data.num_workers,
+            max_bad_fraction=cfg.data.max_bad_fraction,
+            pin_memory=pin_memory,
+        )
+        self.train_loader = VideoLoader(
+            self.train_set, batch_size=batch, shuffle=False, sampler=self.sampler, **options
+        )
+        self.val_loader = VideoLoader(
+            self.val_set, batch_size=batch, shuffle=False, sampler=self.val_indices, **options
+        )
+
+    @property
+    def bad_videos(self) -> int:
+        return self.train_loader.bad.count + self.val_loader.bad.count
+
+    def train_batches(self, epoch: int, first: int) -> Iterator[InputBatch]:
+        self.sampler.start_at(first)
+        for batch in self.train_loader.epoch(epoch):
+            yield InputBatch(batch.clips, batch.labels, batch.indices, batch.bad)
+
+    def val_batches(self) -> Iterator[InputBatch]:
+        for batch in self.val_loader.epoch(0):
+            yield InputBatch(batch.clips, batch.labels, batch.indices, batch.bad)
+
+
+class FeatureSource:
+    """Backbone features from the frozen-feature cache (``features.reuse``), same batching.
+
+    Args:
+        cfg: the experiment (its features must have been prepared by the driver).
+        rank / world: this worker and the number of workers.
+        batch: items per rank per step.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, *, rank: int, world: int, batch: int) -> None:
+        from evl_platform.features import FeatureDataset
+
+        self.train_set = FeatureDataset(cfg, "train")
+        self.val_set = FeatureDataset(cfg, "val")
+        self.sampler = StepSampler(
+            len(self.train_set), rank=rank, world=world, batch=batch, seed=cfg.seed
+        )
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.batch = batch
+        self.val_indices = np.arange(rank, len(self.val_set), world)
+        self.bad_videos = 0  # counted once, at extraction
+
+    def train_batches(self, epoch: int, first: int) -> Iterator[InputBatch]:
+        for indices in self.sampler.batches(epoch, first):
+            found = self.train_set.batch(indices, epoch=epoch)
+            yield InputBatch(found.features, found.labels, found.indices)
+
+    def val_batches(self) -> Iterator[InputBatch]:
+        for start in range(0, len(self.val_indices), self.batch):
+            found = self.val_set.batch(self.val_indices[start : start + self.batch], epoch=0)
+            yield InputBatch(found.features, found.labels, found.indices)
+
+
+def create_source(
+    cfg: ExperimentConfig, *, rank: int, world: int, batch: int, device: torch.device
+) -> tuple[VideoSource | FeatureSource, Sequence[str], Sequence[str]]:
+    """The worker's batch source plus the validation video ids and class names."""
+    splits = read_splits(cfg.data, progress=False)
+    video_ids = [record.video_id for record in splits["val"].records]
+    if cfg.features.reuse:
+        source = FeatureSource(cfg, rank=rank, world=world, batch=batch)
+    else:
+        source = VideoSource(
+            cfg, splits, rank=rank, world=world, batch=batch, pin_memory=device.type == "cuda"
+        )
+    return source, video_ids, splits["train"].class_names

@@ -1,0 +1,136 @@
+"""Checkpoint contents: trainable weights, optimizer, schedule, scaler, step, RNG and config.
+
+A checkpoint directory holds ``state.pt`` (written by rank 0), one ``rng_rank<r>.pt`` per
+worker, ``config.yaml`` (the resolved config) and ``meta.json`` (step, MLflow run id). Every
+``torch.load`` uses ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from evl_platform.config import ExperimentConfig, dump_config, flatten_config
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+CONFIG_FILE = "config.yaml"
+# Fields that change the model's architecture or its weights' meaning: a resume must match.
+ARCHITECTURE_PREFIXES = ("model.",)
+ARCHITECTURE_KEYS = ("data.num_classes", "data.num_frames")
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state minus a frozen backbone (which the config recreates exactly)."""
+    frozen = {
+        name for name, p in model.named_parameters() if not p.requires_grad
+    } | _frozen_buffers(model)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
+
+
+def _frozen_buffers(model: nn.Module) -> set[str]:
+    backbone = getattr(model, "backbone", None)
+    if backbone is None or getattr(backbone, "trainable", True):
+        return set()
+    return {f"backbone.{name}" for name, _ in backbone.named_buffers()}
+
+
+@dataclass
+class TrainingState:
+    """What a resumed worker gets back from a checkpoint."""
+
+    step: int
+    device_seconds: float
+    run_id: str | None
+    metrics: dict[str, float] | None = None
+
+
+def save_checkpoint(
+    directory: Path,
+    *,
+    rank: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    step: int,
+    device_seconds: float,
+    cfg: ExperimentConfig,
+    run_id: str | None,
+    metrics: dict[str, float] | None = None,
+) -> None:
+    """Writes this worker's part of a checkpoint into ``directory``; ``metrics`` are the
+    values reported with it (re-reported on restore, in case the driver died before they
+    were logged)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, directory / f"rng_rank{rank}.pt")
+    if rank != 0:
+        return
+    torch.save(
+        {
+            "model": trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+        },
+        directory / STATE_FILE,
+    )
+    (directory / CONFIG_FILE).write_text(dump_config(cfg))
+    meta = {
+        "step": step,
+        "device_seconds": device_seconds,
+        "run_id": run_id,
+        "name": cfg.name,
+        "metrics": metrics or {},
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def load_checkpoint(
+    directory: Path,
+    *,
+    rank: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> TrainingState:
+    """Restores a checkpoint written by :func:`save_checkpoint` into live objects."""
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    expected_missing = set(trainable_state(model)) ^ set(model.state_dict())
+    if unexpected or set(missing) - expected_missing:
+        raise RuntimeError(
+            f"{directory}: checkpoint does not fit the model "
+            f"(missing {sorted(set(missing) - expected_missing)[:5]}, unexpected {unexpected[:5]})"
+        )
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    rng_file = directory / f"rng_rank{rank}.pt"
+    if rng_file.exists():  # absent when resuming on more workers than before
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    meta = json.loads((directory / META_FILE).read_text())
+    return TrainingState(meta["step"], meta["device_seconds"], meta["run_id"], meta["metrics"])
+
+
+def is_architecture_key(key: str) -> bool:
+    """Whether a flattened config key belongs to the model's architecture."""
+    return key.startswith(ARCHITECTURE_PREFIXES) or key in ARCHITECTURE_KEYS
+
+
+def architecture_changes(saved: ExperimentConfig, current: ExperimentConfig) -> list[str]:
+    """``key: saved -> current`` for every architecture field that differs."""
+    old, new = flatten_config(saved), flatten_config(current)
+    keys = sorted(k for k in old.keys() | new.keys() if is_architecture_key(k))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]

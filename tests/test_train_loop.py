@@ -1,0 +1,224 @@
+"""The plain-PyTorch training loop, checkpoint state and resume checks (no Ray)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evl_platform.config import ExperimentConfig, TrainConfig
+from evl_platform.models import create_model
+from evl_platform.train.errors import ResumeError
+from evl_platform.train.inputs import StepSampler
+from evl_platform.train.launcher import RunRecord, check_resumable
+from evl_platform.train.loop import (
+    EvalResult,
+    EVLForward,
+    InputBatch,
+    batches_from,
+    create_optimizer,
+    create_scaler,
+    create_schedule,
+    evaluate,
+    train_step,
+)
+from evl_platform.train.state import (
+    architecture_changes,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+CPU = torch.device("cpu")
+
+
+def _cfg(mode: str = "frozen", **train: object) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(
+        {
+            "model": {
+                "backbone": {"name": "micro-vit", "mode": mode},
+                "decoder": {"num_layers": 2, "temporal_cross_attn": True, "mlp_dropout": 0.0},
+                "head": {"dropout": 0.0},
+            },
+            "data": {"num_classes": 6, "num_frames": 4},
+            "train": {"num_steps": 10, "batch_size": 4, **train},
+        }
+    )
+
+
+def _batch(n: int = 4, *, views: int | None = None, seed: int = 0) -> InputBatch:
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, 3, 4, 32, 32) if views is None else (n, views, 3, 4, 32, 32)
+    return InputBatch(
+        torch.randn(shape, generator=g),
+        torch.randint(0, 6, (n,), generator=g),
+        torch.arange(n),
+    )
+
+
+def _parts(cfg: ExperimentConfig) -> tuple:
+    torch.manual_seed(0)
+    model = create_model(cfg)
+    optimizer = create_optimizer(model, cfg.train)
+    return model, EVLForward(model), optimizer, create_schedule(optimizer, cfg.train)
+
+
+def _step(cfg: ExperimentConfig, net, optimizer, schedule, batch, split: int = 1) -> float:
+    return train_step(
+        net,
+        batch,
+        optimizer=optimizer,
+        scheduler=schedule,
+        scaler=create_scaler(CPU, None),
+        device=CPU,
+        amp=None,
+        batch_split=split,
+    ).loss
+
+
+def test_cosine_schedule_matches_official_annealing() -> None:
+    cfg = TrainConfig(num_steps=100, lr=1.0)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1.0)
+    ours = create_schedule(optimizer, cfg)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        ours.step()
+    expected = [0.5 * (1 + math.cos(math.pi * s / 100)) for s in range(100)]
+    assert lrs == pytest.approx(expected)
+    warm = create_schedule(torch.optim.AdamW([param], lr=1.0), TrainConfig(warmup_steps=4))
+    assert warm.get_last_lr() == [pytest.approx(0.25)]
+
+
+def test_frozen_backbone_gets_no_gradients_and_only_new_params_are_optimised() -> None:
+    cfg = _cfg("frozen")
+    model, net, optimizer, schedule = _parts(cfg)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    _step(cfg, net, optimizer, schedule, _batch())
+    assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in model.new_parameters()}
+    features = model.extract_features(_batch().inputs)
+    assert all(not f.out.requires_grad and f.out.grad_fn is None for f in features)
+
+
+def test_finetuned_backbone_gets_gradients() -> None:
+    cfg = _cfg("finetune")
+    model, net, optimizer, schedule = _parts(cfg)
+    _step(cfg, net, optimizer, schedule, _batch())
+    assert all(p.grad is not None for p in model.backbone.parameters() if p.requires_grad)
+
+
+def test_batch_split_accumulates_to_the_same_update() -> None:
+    cfg = _cfg("frozen")
+    results = []
+    for split in (1, 2, 4):
+        model, net, optimizer, schedule = _parts(cfg)
+        loss = _step(cfg, net, optimizer, schedule, _batch(), split)
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        results.append((loss, grads))
+    (loss, reference), *others = results
+    for other_loss, grads in others:
+        assert other_loss == pytest.approx(loss, rel=1e-5)
+        for key, value in reference.items():
+            torch.testing.assert_close(grads[key], value, rtol=1e-3, atol=1e-5)
+
+
+def test_evaluation_averages_softmax_over_views() -> None:
+    cfg = _cfg("frozen")
+    model, net, *_ = _parts(cfg)
+    batch = _batch(3, views=2)
+    result = evaluate(net, [batch], device=CPU, amp=None)
+    model.eval()
+    with torch.no_grad():
+        per_view = torch.stack([model(batch.inputs[:, v]).softmax(-1) for v in range(2)], 1)
+    np.testing.assert_allclose(result.probs, per_view.mean(1).numpy(), rtol=1e-5, atol=1e-6)
+    assert result.labels.tolist() == batch.labels.tolist()
+
+
+def test_eval_result_metrics() -> None:
+    probs = np.array(
+        [[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1], [0.2, 0.7, 0.1]], dtype=np.float32
+    )
+    result = EvalResult(np.array([3, 0, 2, 1]), np.array([0, 1, 1, 1]), probs)
+    assert result.topk(1) == pytest.approx(50.0)
+    assert result.topk(2) == pytest.approx(100.0)
+    assert result.confusion(3).tolist() == [[1, 0, 0], [1, 1, 1], [0, 0, 0]]
+    per_class = result.per_class_accuracy(3)
+    assert per_class[:2].tolist() == pytest.approx([100.0, 100 / 3])
+    assert np.isnan(per_class[2])
+    merged = EvalResult.merge([result, EvalResult(np.array([0]), np.array([2]), probs[:1])])
+    assert merged.indices.tolist() == [0, 1, 2, 3]  # one row per video
+
+
+def test_checkpoint_round_trip_continues_identically(tmp_path: Path) -> None:
+    cfg = _cfg("frozen")
+    batches = [_batch(seed=s) for s in range(4)]
+    model, net, optimizer, schedule = _parts(cfg)
+    scaler = create_scaler(CPU, None)
+    for batch in batches[:2]:
+        _step(cfg, net, optimizer, schedule, batch)
+    save_checkpoint(
+        tmp_path,
+        rank=0,
+        model=model,
+        optimizer=optimizer,
+        scheduler=schedule,
+        scaler=scaler,
+        step=2,
+        device_seconds=1.5,
+        cfg=cfg,
+        run_id="abc",
+    )
+    straight = [_step(cfg, net, optimizer, schedule, b) for b in batches[2:]]
+
+    model2, net2, optimizer2, schedule2 = _parts(_cfg("frozen"))
+    torch.manual_seed(123)  # the checkpoint's RNG state must win over this
+    state = load_checkpoint(
+        tmp_path, rank=0, model=model2, optimizer=optimizer2, scheduler=schedule2, scaler=scaler
+    )
+    assert (state.step, state.device_seconds, state.run_id) == (2, 1.5, "abc")
+    resumed = [_step(cfg, net2, optimizer2, schedule2, b) for b in batches[2:]]
+    assert resumed == pytest.approx(straight, rel=1e-6)
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)["model"]
+    assert not any(key.startswith("backbone.") for key in saved)  # frozen: not copied
+
+
+def test_resume_refuses_architecture_changes() -> None:
+    saved = _cfg("frozen")
+    changed = ExperimentConfig.model_validate(
+        saved.model_dump() | {"model": saved.model.model_dump() | {"decoder": {"num_layers": 3}}}
+    )
+    changes = architecture_changes(saved, changed)
+    assert any(c.startswith("model.decoder.num_layers: 2 -> 3") for c in changes)
+    from evl_platform.config import dump_config
+
+    record = RunRecord("run-1", "id", "experiment", "experiment", dump_config(saved), "now")
+    with pytest.raises(ResumeError, match=r"run-1: .*model\.decoder\.num_layers: 2 -> 3"):
+        check_resumable(record, changed)
+    longer = ExperimentConfig.model_validate(
+        saved.model_dump() | {"train": saved.train.model_dump() | {"num_steps": 20}}
+    )
+    assert check_resumable(record, longer) == ["train.num_steps"]
+
+
+def test_step_sampler_deals_disjoint_batches_and_resumes_mid_epoch() -> None:
+    samplers = [StepSampler(23, rank=r, world=2, batch=3, seed=7) for r in range(2)]
+    assert samplers[0].steps_per_epoch == 3  # 23 // 6, the incomplete batch is dropped
+    seen = np.concatenate([b for s in samplers for b in s.batches(epoch=1)])
+    assert len(seen) == len(set(seen.tolist())) == 18
+    assert not np.array_equal(samplers[0].batches(0)[0], samplers[0].batches(1)[0])
+    tail = samplers[1].batches(1, first=2)
+    assert [b.tolist() for b in tail] == [b.tolist() for b in samplers[1].batches(1)[2:]]
+    stream = batches_from(4, 3, lambda e, f: [(e, f, i) for i in range(f, 3)])
+    steps = list(itertools.islice(stream, 4))
+    assert [s for s, _ in steps] == [4, 5, 6, 7]
+    assert [b for _, b in steps] == [(1, 1, 1), (1, 1, 2), (2, 0, 0), (2, 0, 1)]
+    with pytest.raises(ValueError, match="larger than the training split"):
+        StepSampler(5, rank=0, world=2, batch=3, seed=0)
