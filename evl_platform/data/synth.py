@@ -201,6 +201,9 @@ def synthetic_dir(dataset: str, params: SynthParams, cache_dir: Path | None = No
     return Path(cache_dir or default_cache_dir()) / "synthetic" / f"{dataset}-{key}"
 
 
+_ANNOUNCED: set[Path] = set()
+
+
 def ensure_synthetic(
     dataset: str,
     params: SynthParams = SynthParams(),
@@ -228,7 +231,9 @@ def ensure_synthetic(
     """
     target = synthetic_dir(dataset, params, cache_dir)
     if _is_complete(target):
-        _say(f"using cached {dataset} stand-in at {target}")
+        if target not in _ANNOUNCED:  # once per process, not on every lookup
+            _ANNOUNCED.add(target)
+            _say(f"using cached {dataset} stand-in at {target}")
         return _layout(dataset, target)
     count = len(SYNTHETIC_DATASETS.get(dataset).class_names) * (
         params.clips_per_class + params.val_clips_per_class
