@@ -13,6 +13,7 @@ from evl_platform import __version__
 from evl_platform.config import ConfigError, load_config
 from evl_platform.data.annotations import AnnotationError
 from evl_platform.data.errors import DataSourceError
+from evl_platform.train.errors import ResumeError
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,9 +72,71 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(handler=_model_info)
+    _add_train_command(commands)
     _add_data_commands(commands)
     _add_bench_commands(commands)
     return parser
+
+
+def _add_train_command(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train one experiment on Ray Train, tracked as one MLflow run",
+        description="Train one experiment with Ray Train workers (DDP: gloo on CPU, NCCL on "
+        "GPU). Ray is started locally unless --address (or $RAY_ADDRESS) names a cluster. "
+        "Metrics, the resolved config, per-video validation scores, a confusion matrix and "
+        "the trained weights go to one MLflow run (default store: ./mlflow.db; browse with "
+        "`mlflow ui --backend-store-uri sqlite:///mlflow.db`). Checkpoints go to "
+        "--storage-path; a failed worker restarts from the last one, and --resume continues "
+        "a run whose driver died, into the same MLflow run. With features.reuse (the local "
+        "profile's default) the frozen backbone's features are extracted once into the "
+        "cache and reused by later runs.",
+    )
+    _add_config_arguments(train)
+    train.add_argument(
+        "--num-workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="Ray Train workers, one device each (default 1)",
+    )
+    train.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=1.0,
+        metavar="C",
+        help="CPUs reserved per worker (default 1)",
+    )
+    train.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    train.add_argument(
+        "--address",
+        metavar="ADDR",
+        default=None,
+        help="Ray cluster to attach to, e.g. auto (default: $RAY_ADDRESS, else start Ray here)",
+    )
+    train.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    train.add_argument(
+        "--storage-path",
+        metavar="PATH",
+        default=None,
+        help="checkpoint storage: a directory, or shared/cloud storage on a cluster "
+        "(default: $EVL_PLATFORM_STORAGE, else ./ray_results)",
+    )
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="RUN",
+        help="continue the newest run of this experiment (or the named run) from its last "
+        "checkpoint, into the same MLflow run",
+    )
+    train.set_defaults(handler=_train)
 
 
 def _add_data_commands(commands: argparse._SubParsersAction) -> None:
@@ -171,6 +234,83 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     )
     data.add_argument("--json", action="store_true", help="print one JSON object")
     data.set_defaults(handler=_bench_data)
+    for name, handler, summary, batch_help, memory_gib in (
+        (
+            "step",
+            _bench_step,
+            "training step time: frozen/open backbone x GAP/EVL head (paper Table 5)",
+            "samples per step (default 64 on CUDA, 16 on CPU; gradient accumulation "
+            "beyond the largest batch that fits)",
+            16.0,
+        ),
+        (
+            "infer",
+            _bench_infer,
+            "inference latency, throughput and GFLOPs per video (paper Table 3)",
+            "videos per forward for the throughput (default: the largest that fits on CUDA, "
+            "4 on CPU)",
+            32.0,
+        ),
+    ):
+        parser = actions.add_parser(
+            name,
+            help=summary,
+            description=f"Measure the {summary} on fake data, print it beside the paper's "
+            "figures and log one MLflow run in experiment `benchmarks`. The largest batch is "
+            "an out-of-memory search on CUDA and an estimate on CPU.",
+        )
+        _add_config_arguments(parser)
+        parser.add_argument("--batch", type=_positive_int, metavar="N", help=batch_help)
+        parser.add_argument(
+            "--iters",
+            type=_positive_int,
+            default=10,
+            metavar="N",
+            help="timed runs after 2 warm-up runs; the median is reported (default 10)",
+        )
+        parser.add_argument(
+            "--device", choices=("cpu", "cuda"), help="default: cuda when available"
+        )
+        parser.add_argument(
+            "--memory-gib",
+            type=float,
+            default=memory_gib,
+            metavar="G",
+            help=f"memory the largest batch must fit in (default {memory_gib:g}, the paper's "
+            f"V100-{memory_gib:g}G)",
+        )
+        parser.add_argument(
+            "--threads",
+            type=_positive_int,
+            metavar="N",
+            help="CPU threads while measuring (default: torch's; 1 is steadier on shared cores)",
+        )
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+        parser.add_argument(
+            "--tracking-uri", metavar="URI", help="MLflow store (default ./mlflow.db)"
+        )
+        parser.add_argument("--no-track", action="store_true", help="log no MLflow run")
+        parser.set_defaults(handler=handler)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from evl_platform.train.launcher import TrainOptions, train
+
+    cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
+    options = TrainOptions(
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        address=args.address,
+        tracking_uri=args.tracking_uri,
+        storage_path=args.storage_path,
+        resume=args.resume,
+    )
+    outcome = train(cfg, options)
+    shown = {k: round(v, 2) for k, v in outcome.metrics.items() if k.startswith("val/acc")}
+    print(f"finished {outcome.run_name}: {shown}")
+    print(f"MLflow run {outcome.run_id} in {outcome.tracking_uri}")
+    return 0
 
 
 def _data_synth(args: argparse.Namespace) -> int:
@@ -212,6 +352,54 @@ def _bench_data(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
     result = bench_data(cfg, workers=args.workers, clips=args.clips, split=args.split)
     print(json.dumps(result.to_dict()) if args.json else result.render())
+    return 0
+
+
+def _bench_step(args: argparse.Namespace) -> int:
+    from evl_platform.bench.common import finish
+    from evl_platform.bench.step import bench_step
+
+    cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
+    try:
+        result = bench_step(
+            cfg,
+            batch=args.batch,
+            iters=args.iters,
+            device=args.device,
+            memory_gib=args.memory_gib,
+            threads=args.threads,
+        )
+    except ValueError as err:  # no such device, or architecture problems found while building
+        raise ConfigError(f"{args.config}: {err}") from err
+    track = not args.no_track
+    print(
+        finish(result, bench="step", track=track, tracking_uri=args.tracking_uri, as_json=args.json)
+    )
+    return 0
+
+
+def _bench_infer(args: argparse.Namespace) -> int:
+    from evl_platform.bench.common import finish
+    from evl_platform.bench.infer import bench_infer
+
+    cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
+    try:
+        result = bench_infer(
+            cfg,
+            batch=args.batch,
+            iters=args.iters,
+            device=args.device,
+            memory_gib=args.memory_gib,
+            threads=args.threads,
+        )
+    except ValueError as err:  # no such device, or architecture problems found while building
+        raise ConfigError(f"{args.config}: {err}") from err
+    track = not args.no_track
+    print(
+        finish(
+            result, bench="infer", track=track, tracking_uri=args.tracking_uri, as_json=args.json
+        )
+    )
     return 0
 
 
@@ -264,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataSourceError as err:  # a data.* value: name the experiment file too
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
-    except (ConfigError, AnnotationError) as err:
+    except (ConfigError, AnnotationError, ResumeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
