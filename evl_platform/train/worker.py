@@ -90,11 +90,22 @@ def _gather(result: EvalResult) -> EvalResult:
     return EvalResult.merge(parts)
 
 
+def _quiet_report_logs() -> None:
+    """Ray Train logs one INFO line per report, through a logger named after its source
+    file; the worker prints its own concise progress instead."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # a private module: if it moves, the lines just come back
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. ``config``: ``experiment`` (the resolved config as a dict),
     ``run_id`` (MLflow), optional ``fail_at_step`` and ``fail_marker`` (tests)."""
     cfg = ExperimentConfig.model_validate(config["experiment"])
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no INFO line per report
+    _quiet_report_logs()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
