@@ -237,7 +237,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     for name, handler, summary, batch_help, memory_gib in (
         (
             "step",
-            _bench_step,
+            _bench_model,
             "training step time: frozen/open backbone x GAP/EVL head (paper Table 5)",
             "samples per step (default 64 on CUDA, 16 on CPU; gradient accumulation "
             "beyond the largest batch that fits)",
@@ -245,7 +245,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         ),
         (
             "infer",
-            _bench_infer,
+            _bench_model,
             "inference latency, throughput and GFLOPs per video (paper Table 3)",
             "videos per forward for the throughput (default: the largest that fits on CUDA, "
             "4 on CPU)",
@@ -355,36 +355,16 @@ def _bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_step(args: argparse.Namespace) -> int:
-    from evl_platform.bench.common import finish
-    from evl_platform.bench.step import bench_step
-
-    cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
-    try:
-        result = bench_step(
-            cfg,
-            batch=args.batch,
-            iters=args.iters,
-            device=args.device,
-            memory_gib=args.memory_gib,
-            threads=args.threads,
-        )
-    except ValueError as err:  # no such device, or architecture problems found while building
-        raise ConfigError(f"{args.config}: {err}") from err
-    track = not args.no_track
-    print(
-        finish(result, bench="step", track=track, tracking_uri=args.tracking_uri, as_json=args.json)
-    )
-    return 0
-
-
-def _bench_infer(args: argparse.Namespace) -> int:
+def _bench_model(args: argparse.Namespace) -> int:
+    """``bench step`` and ``bench infer``: one measurement, printed and logged to MLflow."""
     from evl_platform.bench.common import finish
     from evl_platform.bench.infer import bench_infer
+    from evl_platform.bench.step import bench_step
 
+    measure = bench_step if args.bench_command == "step" else bench_infer
     cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
     try:
-        result = bench_infer(
+        result = measure(
             cfg,
             batch=args.batch,
             iters=args.iters,
@@ -394,12 +374,14 @@ def _bench_infer(args: argparse.Namespace) -> int:
         )
     except ValueError as err:  # no such device, or architecture problems found while building
         raise ConfigError(f"{args.config}: {err}") from err
-    track = not args.no_track
-    print(
-        finish(
-            result, bench="infer", track=track, tracking_uri=args.tracking_uri, as_json=args.json
-        )
+    text = finish(
+        result,
+        bench=args.bench_command,
+        track=not args.no_track,
+        tracking_uri=args.tracking_uri,
+        as_json=args.json,
     )
+    print(text)
     return 0
 
 

@@ -83,6 +83,20 @@ def write_bad_videos(directory: Path) -> dict[str, Path]:
     return paths
 
 
+def layout_data(layout: SyntheticLayout, **extra: object) -> dict:
+    """The ``data`` section of a config that reads a generated stand-in from its directory."""
+    return {
+        "dataset": layout.dataset,
+        "format": layout.format,
+        "root": str(layout.root),
+        "train_annotations": str(layout.train_annotations),
+        "val_annotations": str(layout.val_annotations),
+        "label_map": str(layout.label_map) if layout.label_map else None,
+        "video_extension": layout.video_extension,
+        **extra,
+    }
+
+
 def write_config(path: Path, data: dict, **top: object) -> ExperimentConfig:
     """Writes a local-profile experiment YAML with the tiny backbone and loads it."""
     body = {

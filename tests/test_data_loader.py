@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BAD_KINDS_WRITTEN, SMALL, write_bad_videos, write_config
+from conftest import BAD_KINDS_WRITTEN, SMALL, layout_data, write_bad_videos, write_config
 
 from evl_platform.cli import main
 from evl_platform.config import load_config
@@ -19,19 +19,6 @@ from evl_platform.data.source import create_dataset, read_splits, resolve_files
 from evl_platform.data.synth import SyntheticLayout, write_video
 
 
-def _layout_data(layout: SyntheticLayout, **extra: object) -> dict:
-    return {
-        "dataset": layout.dataset,
-        "format": layout.format,
-        "root": str(layout.root),
-        "train_annotations": str(layout.train_annotations),
-        "val_annotations": str(layout.val_annotations),
-        "label_map": str(layout.label_map) if layout.label_map else None,
-        "video_extension": layout.video_extension,
-        **extra,
-    }
-
-
 @pytest.mark.parametrize("stand_in", ["motion_small", "appearance_small"])
 def test_stand_in_clips_have_configured_shapes(
     stand_in: str, request: pytest.FixtureRequest, tmp_path: Path
@@ -40,7 +27,7 @@ def test_stand_in_clips_have_configured_shapes(
     sampling = {"sampling": "uniform"} if stand_in == "motion_small" else {"sampling": "dense"}
     cfg = write_config(
         tmp_path / "exp.yaml",
-        _layout_data(layout, stride=2, test_views={"temporal": 3, "spatial": 3}, **sampling),
+        layout_data(layout, stride=2, test_views={"temporal": 3, "spatial": 3}, **sampling),
     )
     splits = read_splits(cfg.data)
     assert splits["train"].class_names == layout.class_names
@@ -62,7 +49,7 @@ def test_stand_in_clips_have_configured_shapes(
 def _list_with_bad_videos(tmp_path: Path, layout: SyntheticLayout, good: int) -> tuple[Path, dict]:
     """An EVL list file with ``good`` real stand-in videos followed by every bad kind."""
     splits = read_splits(
-        write_config(tmp_path / "src.yaml", _layout_data(layout, sampling="dense")).data
+        write_config(tmp_path / "src.yaml", layout_data(layout, sampling="dense")).data
     )
     records = splits["train"].records[:good]
     bad = write_bad_videos(tmp_path / "bad")

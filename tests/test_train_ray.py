@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import layout_data, write_config
 from mlflow.tracking import MlflowClient
 
 from evl_platform.cli import main
@@ -25,7 +26,6 @@ from evl_platform.data.source import read_splits
 from evl_platform.data.synth import SyntheticLayout, SynthParams, generate
 from evl_platform.tracking import names
 from evl_platform.train.launcher import TrainOptions, train
-from tests.conftest import write_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -35,16 +35,7 @@ FIXED_VIEWS = {"random_resized_crop": None, "rand_augment": None, "horizontal_fl
 def _config(
     tmp_path: Path, layout: SyntheticLayout, *, reuse: bool = False, **train: object
 ) -> ExperimentConfig:
-    data = {
-        "dataset": layout.dataset,
-        "format": layout.format,
-        "root": str(layout.root),
-        "train_annotations": str(layout.train_annotations),
-        "val_annotations": str(layout.val_annotations),
-        "label_map": str(layout.label_map) if layout.label_map else None,
-        "video_extension": layout.video_extension,
-        "augment": FIXED_VIEWS,
-    }
+    data = layout_data(layout, augment=FIXED_VIEWS)
     schedule = {
         "num_steps": 12,
         "batch_size": 4,
