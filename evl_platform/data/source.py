@@ -108,10 +108,12 @@ def read_split(
     )
 
 
-def read_splits(data: DataConfig, *, progress: bool = True) -> dict[Split, Annotations]:
+def read_splits(
+    data: DataConfig, *, progress: bool = True, files: DatasetFiles | None = None
+) -> dict[Split, Annotations]:
     """Both splits, validation in the training split's class order, checked against
-    ``data.num_classes``."""
-    files = resolve_files(data, progress=progress)
+    ``data.num_classes``; pass ``files`` when they are already resolved."""
+    files = files or resolve_files(data, progress=progress)
     train = read_split(files, "train")
     if len(train.class_names) != data.num_classes:
         raise DataSourceError(

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from evl_platform.config import ExperimentConfig
-from evl_platform.data.source import Split, read_splits, resolve_files
+from evl_platform.data.annotations import Annotations
+from evl_platform.data.source import DatasetFiles, Split, read_splits, resolve_files
 from evl_platform.features.key import (
     EntryRef,
     decoder_layers,
@@ -59,6 +60,8 @@ class FeatureDataset:
         cfg: the experiment.
         split: ``train`` or ``val``.
         store: the cache (default: the experiment's, see ``features_root``).
+        splits / files: the dataset's annotations and files, when the caller already has
+            them (default: read from ``cfg.data``).
 
     Attributes:
         layers: block read by each decoder layer (``model.feature_layers``).
@@ -77,6 +80,8 @@ class FeatureDataset:
         split: Literal["train", "val"],
         *,
         store: FeatureStore | None = None,
+        splits: dict[Split, Annotations] | None = None,
+        files: DatasetFiles | None = None,
     ) -> None:
         self.cfg = cfg
         self.split: Split = split
@@ -84,8 +89,9 @@ class FeatureDataset:
         self.layers = decoder_layers(cfg)
         self.kinds = tensor_kinds(cfg)
         self.num_views = view_set(cfg, split).total
-        annotations = read_splits(cfg.data, progress=False)[split]
-        refs = split_entries(cfg, split, annotations, resolve_files(cfg.data, progress=False))
+        files = files or resolve_files(cfg.data, progress=False)
+        annotations = (splits or read_splits(cfg.data, files=files))[split]
+        refs = split_entries(cfg, split, annotations, files)
         self.entries = {(r.view, r.layer, r.kind): self._open(r) for r in refs}
         self.delivered, self.labels = self._item_tables()
         self.video_ids = tuple(annotations.records[i].video_id for i in self.delivered)

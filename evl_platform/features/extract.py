@@ -128,8 +128,8 @@ def _plan(
     cfg: ExperimentConfig, store: FeatureStore, *, progress: bool
 ) -> tuple[list[_SplitPlan], int]:
     """The splits with missing entries, and the number of entries already cached."""
-    splits = read_splits(cfg.data, progress=progress)
-    files = resolve_files(cfg.data, progress=False)
+    files = resolve_files(cfg.data, progress=progress)
+    splits = read_splits(cfg.data, files=files)
     plans, reused = [], 0
     for split in SPLITS:
         annotations = splits[split]

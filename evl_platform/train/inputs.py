@@ -15,7 +15,7 @@ from torch.utils.data import Sampler
 from evl_platform.config import ExperimentConfig
 from evl_platform.data.annotations import Annotations
 from evl_platform.data.dataset import VideoLoader
-from evl_platform.data.source import create_dataset, read_splits
+from evl_platform.data.source import DatasetFiles, create_dataset, read_splits, resolve_files
 from evl_platform.train.loop import InputBatch
 
 
@@ -110,11 +110,11 @@ class VideoSource:
     def train_batches(self, epoch: int, first: int) -> Iterator[InputBatch]:
         self.sampler.start_at(first)
         for batch in self.train_loader.epoch(epoch):
-            yield InputBatch(batch.clips, batch.labels, batch.indices, batch.bad)
+            yield InputBatch(batch.clips, batch.labels, batch.indices)
 
     def val_batches(self) -> Iterator[InputBatch]:
         for batch in self.val_loader.epoch(0):
-            yield InputBatch(batch.clips, batch.labels, batch.indices, batch.bad)
+            yield InputBatch(batch.clips, batch.labels, batch.indices)
 
 
 class FeatureSource:
@@ -126,11 +126,20 @@ class FeatureSource:
         batch: items per rank per step.
     """
 
-    def __init__(self, cfg: ExperimentConfig, *, rank: int, world: int, batch: int) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        splits: dict[str, Annotations],
+        files: DatasetFiles,
+        *,
+        rank: int,
+        world: int,
+        batch: int,
+    ) -> None:
         from evl_platform.features import FeatureDataset
 
-        self.train_set = FeatureDataset(cfg, "train")
-        self.val_set = FeatureDataset(cfg, "val")
+        self.train_set = FeatureDataset(cfg, "train", splits=splits, files=files)
+        self.val_set = FeatureDataset(cfg, "val", splits=splits, files=files)
         self.sampler = StepSampler(
             len(self.train_set), rank=rank, world=world, batch=batch, seed=cfg.seed
         )
@@ -154,10 +163,11 @@ def create_source(
     cfg: ExperimentConfig, *, rank: int, world: int, batch: int, device: torch.device
 ) -> tuple[VideoSource | FeatureSource, Sequence[str], Sequence[str]]:
     """The worker's batch source plus the validation video ids and class names."""
-    splits = read_splits(cfg.data, progress=False)
+    files = resolve_files(cfg.data, progress=False)
+    splits = read_splits(cfg.data, files=files)
     video_ids = [record.video_id for record in splits["val"].records]
     if cfg.features.reuse:
-        source = FeatureSource(cfg, rank=rank, world=world, batch=batch)
+        source = FeatureSource(cfg, splits, files, rank=rank, world=world, batch=batch)
     else:
         source = VideoSource(
             cfg, splits, rank=rank, world=world, batch=batch, pin_memory=device.type == "cuda"

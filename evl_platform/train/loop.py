@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,13 +34,11 @@ class InputBatch:
             (N, T, ...) / (N, V, T, ...) tensors.
         labels: (N,) class indices.
         indices: (N,) dataset positions of the items.
-        bad: bad-video events met while producing the batch.
     """
 
     inputs: Inputs
     labels: torch.Tensor
     indices: torch.Tensor
-    bad: tuple = field(default=())
 
     def __len__(self) -> int:
         return len(self.labels)
