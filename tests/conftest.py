@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from evl_platform.config import ExperimentConfig, load_config
+from evl_platform.data.annotations import save_label_map
 from evl_platform.data.synth import SyntheticLayout, SynthParams, generate, write_video
 
 SMALL = SynthParams(clips_per_class=2, val_clips_per_class=1, num_frames=16, seed=3)
@@ -94,6 +95,21 @@ def layout_data(layout: SyntheticLayout, **extra: object) -> dict:
         "label_map": str(layout.label_map) if layout.label_map else None,
         "video_extension": layout.video_extension,
         **extra,
+    }
+
+
+def listing_data(listing: Path, directory: Path) -> dict:
+    """The ``data`` section of a 10-class ``evl_list`` dataset read from ``listing`` (both
+    splits), with its label map written into ``directory``."""
+    save_label_map([f"class {i}" for i in range(10)], directory / "labels.json")
+    return {
+        "dataset": "broken-test",
+        "format": "evl_list",
+        "train_annotations": str(listing),
+        "val_annotations": str(listing),
+        "label_map": str(directory / "labels.json"),
+        "sampling": "dense",
+        "stride": 2,
     }
 
 

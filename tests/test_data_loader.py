@@ -8,11 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BAD_KINDS_WRITTEN, SMALL, layout_data, write_bad_videos, write_config
+from conftest import (
+    BAD_KINDS_WRITTEN,
+    SMALL,
+    layout_data,
+    listing_data,
+    write_bad_videos,
+    write_config,
+)
 
 from evl_platform.cli import main
 from evl_platform.config import load_config
-from evl_platform.data.annotations import save_label_map
 from evl_platform.data.dataset import TooManyBadVideos, VideoLoader
 from evl_platform.data.decode import VideoError, read_clip
 from evl_platform.data.source import create_dataset, read_splits, resolve_files
@@ -61,20 +67,7 @@ def _list_with_bad_videos(tmp_path: Path, layout: SyntheticLayout, good: int) ->
 
 
 def _bad_config(tmp_path: Path, listing: Path, **data: object):
-    save_label_map([f"class {i}" for i in range(10)], tmp_path / "labels.json")
-    return write_config(
-        tmp_path / "bad.yaml",
-        {
-            "dataset": "broken-test",
-            "format": "evl_list",
-            "train_annotations": str(listing),
-            "val_annotations": str(listing),
-            "label_map": str(tmp_path / "labels.json"),
-            "sampling": "dense",
-            "stride": 2,
-            **data,
-        },
-    )
+    return write_config(tmp_path / "bad.yaml", listing_data(listing, tmp_path) | data)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

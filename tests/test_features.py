@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, write_bad_videos, write_config
+from conftest import SMALL, listing_data, write_bad_videos, write_config
 
 from evl_platform.config import ExperimentConfig, load_config
-from evl_platform.data.annotations import save_label_map
 from evl_platform.data.dataset import TooManyBadVideos, VideoDataset
 from evl_platform.data.source import read_splits, resolve_files
 from evl_platform.data.synth import SyntheticLayout
@@ -241,17 +240,7 @@ def _bad_listing(tmp_path: Path, layout: SyntheticLayout) -> tuple[dict, dict[st
     lines += [f"{p} {label}" for label, p in enumerate(bad.values())]
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(lines) + "\n")
-    save_label_map([f"class {i}" for i in range(10)], tmp_path / "labels.json")
-    data = {
-        "dataset": "broken-test",
-        "format": "evl_list",
-        "train_annotations": str(listing),
-        "val_annotations": str(listing),
-        "label_map": str(tmp_path / "labels.json"),
-        "sampling": "dense",
-        "stride": 2,
-    }
-    return data, bad
+    return listing_data(listing, tmp_path), bad
 
 
 def test_bad_videos_store_the_replacement_and_enforce_the_limit(
