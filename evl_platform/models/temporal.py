@@ -6,8 +6,9 @@ token at ``L = 0``, and returns a term of the same shape that the decoder layer 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -65,6 +66,82 @@ def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
     return d_row * (2 * w - 1) + d_col
 
 
+def window_table_index(grid: tuple[int, int]) -> torch.Tensor:
+    """Table rows of the per-query-column weight windows that :class:`TemporalCrossAttention` uses.
+
+    Returns:
+        (W, (2H-1)*W) long tensor: entry ``[qc, e*W + kc]`` is the table row of offset
+        ``(e - (H-1), qc - kc)``. The (H*W, C) weights of query (qr, qc) are then the contiguous
+        rows ``[qr*W, qr*W + H*W)`` of column qc's window, keys ordered by (H-1-kr, kc).
+    """
+    h, w = grid
+    q_col = torch.arange(w)[:, None, None]
+    row = torch.arange(2 * h - 1)[None, :, None]
+    k_col = torch.arange(w)[None, None, :]
+    return (row * (2 * w - 1) + q_col - k_col + w - 1).reshape(w, -1)
+
+
+def _query_windows(windows: torch.Tensor, column: int, rows: int) -> torch.Tensor:
+    """Overlapping views (H, H*W, C) into column ``column``'s ((2H-1)*W, C) weight window."""
+    width, c = windows.shape[0], windows.shape[2]
+    return windows[column].as_strided((rows, rows * width, c), (width * c, c, 1))
+
+
+class _WindowedProjection(torch.autograd.Function):
+    """``y[qc, qr] = maps[qc, qr] @ windows[qc, qr*W : qr*W + H*W]`` for every query (qr, qc).
+
+    maps: (W, H, M, H*W) attention of each query to its keys, keys ordered (H-1-kr, kc);
+    windows: (W, (2H-1)*W, C) from :func:`window_table_index`. Returns (W, H, M, C). The
+    forward is one batched matmul per query column on overlapping views of the windows (the
+    multiply-adds of the direct sum, nothing copied); the weight gradient is one batched
+    matmul against the maps skewed onto the window rows, with no overlap-add.
+    """
+
+    @staticmethod
+    def forward(ctx, maps: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        cols, rows = maps.shape[:2]
+        ctx.save_for_backward(
+            maps if ctx.needs_input_grad[1] else None,
+            windows if ctx.needs_input_grad[0] else None,
+        )
+        ys = [torch.bmm(maps[qc], _query_windows(windows, qc, rows)) for qc in range(cols)]
+        return torch.stack(ys)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        maps, windows = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_maps = grad_windows = None
+        if ctx.needs_input_grad[0]:
+            cols, rows = grad.shape[:2]
+            grad_maps = torch.stack(
+                [
+                    torch.bmm(grad[qc], _query_windows(windows, qc, rows).transpose(1, 2))
+                    for qc in range(cols)
+                ]
+            )
+        if ctx.needs_input_grad[1]:
+            cols, rows, m, keys = maps.shape
+            width = keys // rows
+            # skewed[qc, qr, m, qr + kr', kc] = maps[qc, qr, m, (kr', kc)]: window rows
+            skewed = maps.new_zeros(cols, rows, m, 2 * rows - 1, width)
+            s = skewed.stride()
+            if skewed.numel():
+                skewed.as_strided(maps.shape, (s[0], s[1] + width, s[2], 1)).copy_(maps)
+            skewed = skewed.view(cols, rows * m, (2 * rows - 1) * width)
+            grad = grad.view(cols, rows * m, grad.shape[-1])
+            grad_windows = torch.bmm(skewed.transpose(1, 2), grad)
+        return grad_maps, grad_windows
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The lower-precision dtype autocast gives matmuls on ``device``, or None when it is off."""
+    kind = device.type
+    if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
 class TemporalCrossAttention(nn.Module):
     """T-CA (eqs. 7-8): attention maps between adjacent frames, projected to C channels.
 
@@ -72,7 +149,19 @@ class TemporalCrossAttention(nn.Module):
     keys (prev) and frame t+1's keys (next) with the backbone's own q/k; softmax over keys,
     averaged over heads. Each map is projected by a relative-position weight table of shape
     ((2H-1)(2W-1), C), one for prev and one for next, zero-initialised so the module starts as a
-    no-op. The first frame has no prev term and the last no next term.
+    no-op. The first frame has no prev term and the last no next term:
+    ``out[t, q] = sum_k attn[t, q, k] * table[offset(q - k)]``.
+
+    The projection never builds the (P, P, C) tensor ``table[offset(q - k)]`` (118 MB per call
+    for ViT-B/16) nor scatters its gradient back. For a query column qc the weights of all keys
+    of query row qr, ordered by (H-1-kr, kc), are H*W consecutive rows of one
+    ((2H-1)*W, C) window gathered from the table (:func:`window_table_index`), starting at row
+    qr*W. So each query column is one batched matmul over query rows on overlapping views of its
+    window: the multiply-adds of the direct sum, with (W, (2H-1)*W, C) gathered weights. Its
+    backward is a batched matmul against the maps skewed onto the window rows plus an
+    ``index_add`` into the table; the maps themselves get a gradient only when q/k require one
+    (finetune mode), never from a frozen backbone. Under autocast the maps and the gathered
+    windows are cast once, as the matmul would cast them.
 
     Args:
         grid: patch grid (H, W) of the backbone.
@@ -85,22 +174,46 @@ class TemporalCrossAttention(nn.Module):
         self.grid = grid
         self.w_prev = nn.Parameter(torch.zeros(offsets, width))
         self.w_next = nn.Parameter(torch.zeros(offsets, width))
-        self.register_buffer("rel_index", relative_position_index(grid), persistent=False)
+        self.register_buffer("window_index", window_table_index(grid).flatten(), persistent=False)
+        self.register_buffer(
+            "key_rows_reversed", torch.arange(grid[0] - 1, -1, -1), persistent=False
+        )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Maps per-head queries and keys (N, T, L, H, D) to the T-CA term (N, T, L, C)."""
-        patches = self.grid[0] * self.grid[1]
-        if q.shape[2] != patches + 1:
-            raise ValueError(f"expected {patches} patch tokens + cls, got {q.shape[2]} tokens")
+        h, w = self.grid
+        n, frames, length = q.shape[:3]
+        if length != h * w + 1:
+            raise ValueError(f"expected {h * w} patch tokens + cls, got {length} tokens")
         q, k = q[:, :, 1:], k[:, :, 1:]  # drop cls: (N, T, P, H, D)
-        prev = self._project(q[:, 1:], k[:, :-1], self.w_prev)  # frames 1..T-1: (N, T-1, P, C)
-        nxt = self._project(q[:, :-1], k[:, 1:], self.w_next)  # frames 0..T-2: (N, T-1, P, C)
-        out = F.pad(prev, (0, 0, 0, 0, 1, 0)) + F.pad(nxt, (0, 0, 0, 0, 0, 1))  # (N, T, P, C)
-        return F.pad(out, (0, 0, 1, 0))  # zero row for cls: (N, T, L, C)
+        prev = self._project(q[:, 1:], k[:, :-1], self.w_prev)  # frames 1..T-1
+        nxt = self._project(q[:, :-1], k[:, 1:], self.w_next)  # frames 0..T-2
+        out = prev.new_zeros(n, frames, length, prev.shape[-1])  # zero rows for cls and edges
+        patches = out[:, :, 1:].unflatten(2, (h, w))  # a view: (N, T, H, W, C)
+        patches[:, 1:] += prev.permute(2, 3, 1, 0, 4)
+        patches[:, :-1] += nxt.permute(2, 3, 1, 0, 4)
+        return out
 
     def _project(self, q: torch.Tensor, k: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Projected head-mean attention of q to k, both (N, T', P, heads, D).
+
+        Returns:
+            (grid columns, grid rows, N, T', C).
+        """
+        h, w = self.grid
+        n, frames = q.shape[:2]
         scale = q.shape[-1] ** -0.5
-        attn = torch.einsum("ntqhd,ntkhd->ntqkh", q * scale, k)  # (N, T', P, P, H)
-        attn = attn.softmax(dim=-2).mean(dim=-1)  # softmax over keys, mean over heads
-        weights = table[self.rel_index]  # (P, P, C)
-        return torch.einsum("ntqk,qkc->ntqc", attn.to(weights.dtype), weights)
+        logits = torch.matmul((q * scale).transpose(2, 3), k.permute(0, 1, 3, 4, 2))
+        attn = logits.softmax(dim=-1).mean(dim=2)  # (N, T', P, P): softmax over keys, mean heads
+        attn = attn.to(table.dtype)
+        maps = attn.view(n * frames, h, w, h, w).permute(2, 1, 0, 3, 4)  # (qc, qr, M, kr, kc)
+        maps = maps.index_select(3, self.key_rows_reversed).reshape(w, h, n * frames, h * w)
+        windows = table.index_select(0, self.window_index).view(w, (2 * h - 1) * w, -1)
+        dtype = _autocast_dtype(windows.device)
+        if windows.dtype == torch.float64:  # autocast leaves float64 alone
+            dtype = None
+        if dtype is not None:  # cast once here rather than per overlapping view in each matmul
+            maps, windows = maps.to(dtype), windows.to(dtype)
+        with torch.autocast(windows.device.type, enabled=False) if dtype else nullcontext():
+            out = _WindowedProjection.apply(maps, windows)  # (qc, qr, M, C)
+        return out.view(w, h, n, frames, table.shape[1])
