@@ -160,7 +160,7 @@ def find_max_batch(
 ) -> MaxBatch:
     """Largest batch of videos: CUDA out-of-memory search, or the CPU estimate."""
     views = cfg.data.test_views.total
-    size = model.backbone.image_size
+    size = model.image_size
 
     def run(videos: int) -> None:
         clips = fake_clips(
@@ -259,7 +259,7 @@ def time_videos(
 ) -> list[float]:
     """Wall times of :func:`predict` on ``videos`` fake videos already on the device."""
     views = cfg.data.test_views.total
-    size = model.backbone.image_size
+    size = model.image_size
     clips = fake_clips(
         videos * views, num_frames=cfg.data.num_frames, image_size=size, device=device
     )

@@ -19,6 +19,7 @@ SamplingMode = Literal["dense", "uniform"]
 AnnotationFormat = Literal["evl_list", "kinetics_csv", "ssv2_json"]
 VideoDecoder = Literal["decord", "pyav"]
 AmpDtype = Literal["none", "float16", "bfloat16"]
+ModelArch = Literal["evl", "cnn3d"]
 
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -118,10 +119,41 @@ class HeadConfig(_Frozen):
     dropout: float = Field(0.5, ge=0, lt=1)
 
 
+class Cnn3dConfig(_Frozen):
+    """A small 3D CNN trained end to end from scratch (``model.arch: cnn3d``), a model family
+    unlike CLIP/EVL for ensembles (paper Tables 10-11).
+
+    A 4x4 patchifying stem, then ``depth`` Conv3d(3x3x3)-BN-ReLU blocks that halve the space
+    (and, after the first block, the time) and double the channels, global average pooling,
+    dropout and a linear head.
+
+    Attributes:
+        width: channels of the stem and the first block (block ``i`` has ``width * 2**i``).
+        depth: Conv3d-BN-ReLU blocks after the stem.
+        dropout: dropout before the linear head.
+    """
+
+    width: int = Field(32, ge=1)
+    depth: int = Field(4, ge=1)
+    dropout: float = Field(0.5, ge=0, lt=1)
+
+
 class ModelConfig(_Frozen):
+    """The video classifier.
+
+    Attributes:
+        arch: ``evl`` (CLIP backbone + EVL decoder + head: ``backbone``, ``decoder``,
+            ``head``) or ``cnn3d`` (a 3D CNN trained from scratch: ``cnn3d``; of the
+            backbone only its input size is used, as the clip size of the data pipeline).
+        backbone / decoder / head: the EVL parts.
+        cnn3d: the 3D CNN.
+    """
+
+    arch: ModelArch = "evl"
     backbone: BackboneConfig = BackboneConfig()
     decoder: DecoderConfig = DecoderConfig()
     head: HeadConfig = HeadConfig()
+    cnn3d: Cnn3dConfig = Cnn3dConfig()
 
 
 class TestViewsConfig(_Frozen):
@@ -300,6 +332,12 @@ class ExperimentConfig(_Frozen):
     def _reuse_needs_fixed_inputs(self) -> ExperimentConfig:
         if not self.features.reuse:
             return self
+        if self.model.arch != "evl":
+            raise ValueError(
+                f"features.reuse caches frozen CLIP backbone features, but model.arch "
+                f"{self.model.arch!r} has no frozen backbone (it trains end to end on decoded "
+                "clips); set features.reuse: false"
+            )
         augment = self.data.augment
         random_parts = [
             f"data.augment.{name}"

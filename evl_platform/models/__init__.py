@@ -1,4 +1,5 @@
-"""EVL model: CLIP backbone adapter, temporal modules, decoder, and model info."""
+"""EVL model: CLIP backbone adapter, temporal modules, decoder, and model info; plus a small
+3D CNN trained from scratch (``model.arch: cnn3d``), a second model family for ensembles."""
 
 from evl_platform.models.backbone import (
     BACKBONES,
@@ -9,8 +10,16 @@ from evl_platform.models.backbone import (
     create_backbone,
     load_visual_state_dict,
 )
+from evl_platform.models.cnn3d import Cnn3d, create_cnn3d
 from evl_platform.models.decoder import FEATURE_SHAPES, DecoderBlock, EVLDecoder, EVLDecoderLayer
-from evl_platform.models.evl import EVL, ClassificationHead, create_decoder, create_model
+from evl_platform.models.evl import (
+    EVL,
+    MODEL_BUILDERS,
+    ClassificationHead,
+    create_decoder,
+    create_evl,
+    create_model,
+)
 from evl_platform.models.info import count_gmacs, model_info
 from evl_platform.models.temporal import (
     TemporalConv,
@@ -22,10 +31,12 @@ __all__ = [
     "BACKBONES",
     "EVL",
     "FEATURE_SHAPES",
+    "MODEL_BUILDERS",
     "BackboneSpec",
     "BlockFeatures",
     "ClassificationHead",
     "ClipBackbone",
+    "Cnn3d",
     "DecoderBlock",
     "EVLDecoder",
     "EVLDecoderLayer",
@@ -35,7 +46,9 @@ __all__ = [
     "backbone_spec",
     "count_gmacs",
     "create_backbone",
+    "create_cnn3d",
     "create_decoder",
+    "create_evl",
     "create_model",
     "load_visual_state_dict",
     "model_info",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from evl_platform.config.schema import DecoderConfig, ExperimentConfig
 from evl_platform.models.backbone import BlockFeatures, ClipBackbone, create_backbone
+from evl_platform.models.cnn3d import Cnn3d, create_cnn3d
 from evl_platform.models.decoder import FEATURE_SHAPES, DecoderBlock, EVLDecoder, EVLDecoderLayer
 from evl_platform.models.temporal import (
     TemporalConv,
@@ -96,6 +97,16 @@ class EVL(nn.Module):
         """Parameters EVL adds on top of the backbone (decoder, temporal modules, head)."""
         return [*self.decoder.parameters(), *self.head.parameters()]
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the frames the backbone takes."""
+        return self.backbone.image_size
+
+    @property
+    def forward_images(self) -> int:
+        """Images the backbone has run on (stays 0 while training on cached features)."""
+        return self.backbone.forward_images
+
 
 def resolve_feature_layers(cfg: DecoderConfig, num_blocks: int) -> tuple[int, ...]:
     """Turns ``feature_layers`` (negative = from the end) into checked block indices."""
@@ -144,7 +155,7 @@ def create_decoder(
     return EVLDecoder(layers=layers, width=width)
 
 
-def create_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> EVL:
+def create_evl(cfg: ExperimentConfig, *, load_weights: bool = True) -> EVL:
     """Builds the EVL model of an experiment (decoder width = backbone width).
 
     Args:
@@ -166,3 +177,21 @@ def create_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> EVL:
         width=backbone.width, num_classes=cfg.data.num_classes, dropout=cfg.model.head.dropout
     )
     return EVL(backbone=backbone, decoder=decoder, head=head, feature_layers=feature_layers)
+
+
+MODEL_BUILDERS: dict[str, Callable[..., EVL | Cnn3d]] = {"evl": create_evl, "cnn3d": create_cnn3d}
+"""One builder per ``model.arch``."""
+
+
+def create_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> EVL | Cnn3d:
+    """Builds the experiment's video classifier; ``model.arch`` picks the family.
+
+    Every family maps (N, 3, T, H, W) clips to (N, classes) logits and has ``new_parameters``,
+    ``image_size`` and ``forward_images``; only EVL has ``classify`` (cached features).
+
+    Args:
+        cfg: the resolved experiment configuration.
+        load_weights: load pretrained weights where the family has any (``False``: seeded
+            random init).
+    """
+    return MODEL_BUILDERS[cfg.model.arch](cfg, load_weights=load_weights)

@@ -6,16 +6,19 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from evl_platform.config.schema import ExperimentConfig
+from evl_platform.models.cnn3d import Cnn3d
 from evl_platform.models.evl import EVL, create_model
 
 
-def count_gmacs(model: EVL, *, num_frames: int) -> float:
-    """Multiply-accumulates (10^9) of one forward view, backbone + decoder + head.
+def count_gmacs(model: EVL | Cnn3d, *, num_frames: int) -> float:
+    """Multiply-accumulates (10^9) of one forward view: backbone + decoder + head for EVL,
+    the whole network for the 3D CNN (convolutions and the linear head; normalisation,
+    activations and pooling count nothing, as in the paper's convention).
 
     The paper's "GFLOPS" are multiply-accumulates; ``torch.utils.flop_counter`` counts two
     FLOPs per MAC, hence the halving.
     """
-    height, width = model.backbone.image_size
+    height, width = model.image_size
     device = next(model.parameters()).device
     video = torch.zeros(1, 3, num_frames, height, width, device=device)
     model.eval()
@@ -28,18 +31,56 @@ def model_info(cfg: ExperimentConfig) -> dict[str, object]:
     """Parameter counts and GFLOPs of an experiment's model, built on the meta device.
 
     Returns:
-        ``new_params`` (decoder + temporal modules + head), ``backbone_params``,
-        ``trainable_params``, ``gflops_per_view`` (MACs), ``views`` and ``gflops_total``, plus
-        the architecture fields they depend on.
+        ``arch``, ``new_params`` (decoder + temporal modules + head; the whole network for a
+        3D CNN), ``backbone_params`` (0 for a 3D CNN), ``trainable_params``,
+        ``gflops_per_view`` (MACs), ``views`` and ``gflops_total``, plus the architecture
+        fields they depend on.
     """
     with torch.device("meta"):
         model = create_model(cfg, load_weights=False)
     gflops = round(count_gmacs(model, num_frames=cfg.data.num_frames), 3)
     views = cfg.data.test_views.total
+    counts = {
+        "new_params": sum(p.numel() for p in model.new_parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "gflops_per_view": gflops,
+        "views": views,
+        "gflops_total": round(gflops * views, 3),
+    }
+    if isinstance(model, Cnn3d):
+        return {**_cnn3d_fields(cfg, model), **counts}
+    return {**_evl_fields(cfg, model), **counts}
+
+
+def _cnn3d_fields(cfg: ExperimentConfig, model: Cnn3d) -> dict[str, object]:
+    """The 3D CNN's fields, under the same keys as EVL's where the CLI's summary reads them:
+    no backbone (0 params) and no decoder (0 layers)."""
+    cnn = cfg.model.cnn3d
+    return {
+        "experiment": cfg.name,
+        "profile": cfg.profile,
+        "arch": "cnn3d",
+        "backbone": "none",
+        "backbone_mode": f"3D CNN from scratch: width {cnn.width}, depth {cnn.depth}",
+        "image_size": list(model.image_size),
+        "num_frames": cfg.data.num_frames,
+        "num_classes": cfg.data.num_classes,
+        "cnn3d_width": cnn.width,
+        "cnn3d_depth": cnn.depth,
+        "decoder_layers": 0,
+        "feature_layers": [],
+        "temporal_modules": [],
+        "feature_shape": "none",
+        "backbone_params": 0,
+    }
+
+
+def _evl_fields(cfg: ExperimentConfig, model: EVL) -> dict[str, object]:
     decoder = cfg.model.decoder
     return {
         "experiment": cfg.name,
         "profile": cfg.profile,
+        "arch": "evl",
         "backbone": cfg.model.backbone.name,
         "backbone_mode": cfg.model.backbone.mode,
         "image_size": list(model.backbone.image_size),
@@ -57,10 +98,5 @@ def model_info(cfg: ExperimentConfig) -> dict[str, object]:
             if on
         ],
         "feature_shape": decoder.feature_shape,
-        "new_params": sum(p.numel() for p in model.new_parameters()),
         "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "gflops_per_view": gflops,
-        "views": views,
-        "gflops_total": round(gflops * views, 3),
     }

@@ -223,7 +223,7 @@ class _Run:
                 window.clips,
                 window.seconds,
                 self.source.bad_videos,
-                self.model.backbone.forward_images,
+                self.model.forward_images,
             ],
             self.device,
         )
