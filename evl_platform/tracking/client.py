@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -144,6 +144,38 @@ class Tracker:
     def reopen(self, run_id: str) -> None:
         """Marks a finished or failed run as running again (a resumed training)."""
         _retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen run")
+
+    def search(self, experiment: str, filter_string: str = "") -> list[Run]:
+        """Every run of ``experiment`` matching ``filter_string``, newest first (none if the
+        experiment does not exist)."""
+        found = _retry(lambda: self.client.get_experiment_by_name(experiment), "get experiment")
+        if found is None:
+            return []
+        runs: list[Run] = []
+        token = None
+        while True:
+            page = _retry(
+                lambda t=token: self.client.search_runs(
+                    [found.experiment_id],
+                    filter_string,
+                    max_results=1000,
+                    order_by=["attributes.start_time DESC"],
+                    page_token=t,
+                ),
+                "search runs",
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def children(self, experiment: str, parent_run_id: str) -> list[Run]:
+        """The runs of ``experiment`` nested under ``parent_run_id``."""
+        return self.search(experiment, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+    def delete(self, run_id: str) -> None:
+        """Deletes a run (moves it to MLflow's trash)."""
+        _retry(lambda: self.client.delete_run(run_id), "delete run")
 
 
 def git_commit(directory: str | Path | None = None) -> str:

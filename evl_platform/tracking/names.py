@@ -32,8 +32,18 @@ TAG_DATASET = "dataset"
 TAG_BACKBONE = "backbone"
 TAG_GIT_COMMIT = "git_commit"
 TAG_VARIANT = "variant"
-TAG_KIND = "kind"  # train | benchmark
+TAG_KIND = "kind"  # train | sweep | ensemble | benchmark
 TAG_RAY_RUN = "ray_run"  # Ray Train run name (storage_path/<name>): what --resume continues
+
+# Tags of sweep runs: the parent (kind "sweep") and its nested trial runs.
+TAG_ABLATION = "ablation"  # the ablation file's name, e.g. temporal_modules
+TAG_PAPER_TABLE = "paper_table"  # the paper table the sweep fills, e.g. 8a
+TAG_PAPER_ROW = "paper_row"  # the variant's row id in that table
+TAG_DATASET_KEY = "dataset_key"  # the ablation's dataset column (k400, ssv2), whatever stands in
+TAG_SEED = "seed"
+TAG_TRIAL = "trial"  # the trial's key within its sweep, e.g. none/ssv2/seed0
+TAG_SWEEP = "sweep"  # the parent run's name
+TAG_EARLY_STOPPED = "early_stopped"  # "true" when the search scheduler (ASHA) stopped the trial
 
 # Artifacts of a training run.
 ARTIFACT_CONFIG = "config.yaml"
@@ -42,4 +52,32 @@ ARTIFACT_CONFUSION = "confusion_matrix.png"
 ARTIFACT_PER_CLASS = "val_per_class.csv"
 ARTIFACT_WEIGHTS = "weights.pt"
 
+# Artifacts of a sweep's parent run.
+ARTIFACT_ABLATION = "ablation.yaml"
+ARTIFACT_RESULTS_CSV = "results.csv"
+ARTIFACT_RESULTS_MD = "results.md"
+
 BENCHMARK_EXPERIMENT = "benchmarks"
+
+# Ensembles of two models' per-video scores (paper Tables 10-11), one run per pair, written by
+# evl_platform.ensemble. Scores are alpha * P_A + (1 - alpha) * P_B: alpha is model A's weight.
+ENSEMBLE_EXPERIMENT = "ensembles"
+KIND_ENSEMBLE = "ensemble"  # value of TAG_KIND
+TAG_MEMBER_A = "ensemble.member_a"  # model A: an MLflow run id or a score file path
+TAG_MEMBER_B = "ensemble.member_b"
+TAG_MEMBER_A_NAME = "ensemble.member_a_name"  # run name or file name
+TAG_MEMBER_B_NAME = "ensemble.member_b_name"
+PARAM_ENSEMBLE_ALPHAS = "ensemble.alphas"  # comma-separated alphas searched
+PARAM_ENSEMBLE_MEMBER_A = "ensemble.member_a"
+PARAM_ENSEMBLE_MEMBER_B = "ensemble.member_b"
+PARAM_ENSEMBLE_VIDEOS = "ensemble.num_videos"
+PARAM_ENSEMBLE_CLASSES = "ensemble.num_classes"
+ENSEMBLE_ACC1 = "ensemble/acc1"  # top-1 (%) at each alpha, logged at step round(alpha * 100)
+ENSEMBLE_ALPHA = "ensemble/alpha"  # the chosen alpha; the summary metrics are at step 0
+ENSEMBLE_ACC1_BEST = "ensemble/acc1_best"  # top-1 (%) at the chosen alpha
+ENSEMBLE_ACC1_A = "ensemble/acc1_a"  # model A alone
+ENSEMBLE_ACC1_B = "ensemble/acc1_b"  # model B alone
+ENSEMBLE_GAIN = "ensemble/gain"  # acc1_best - acc1_a: the paper's delta
+ENSEMBLE_GAIN_BEST_MEMBER = "ensemble/gain_best_member"  # acc1_best - max(acc1_a, acc1_b)
+ARTIFACT_ENSEMBLE_CURVE = "ensemble_curve.csv"  # alpha,acc1
+ARTIFACT_ENSEMBLE_PLOT = "ensemble_curve.png"  # accuracy vs alpha, members marked
