@@ -13,6 +13,8 @@ from evl_platform import __version__
 from evl_platform.config import ConfigError, load_config
 from evl_platform.data.annotations import AnnotationError
 from evl_platform.data.errors import DataSourceError
+from evl_platform.ensemble import cli as ensemble_cli
+from evl_platform.sweep.spec import AblationError
 from evl_platform.train.errors import ResumeError
 
 
@@ -73,9 +75,91 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(handler=_model_info)
     _add_train_command(commands)
+    _add_sweep_command(commands)
+    ensemble_cli.add_parser(commands)
     _add_data_commands(commands)
     _add_bench_commands(commands)
     return parser
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """--address, --tracking-uri and --storage-path: where runs execute and are recorded."""
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        default=None,
+        help="Ray cluster to attach to, e.g. auto (default: $RAY_ADDRESS, else start Ray here)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    parser.add_argument(
+        "--storage-path",
+        metavar="PATH",
+        default=None,
+        help="checkpoint storage: a directory, or shared/cloud storage on a cluster "
+        "(default: $EVL_PLATFORM_STORAGE, else ./ray_results)",
+    )
+
+
+def _add_sweep_command(commands: argparse._SubParsersAction) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="run an ablation (a paper table) on Ray Tune, tracked as nested MLflow runs",
+        description="Run every trial of an ablation file (ablations/*.yaml: named variants x "
+        "datasets x seeds) as one Ray Train run each, scheduled by Ray Tune. MLflow gets one "
+        "parent run per sweep (with the ablation file and the results table as artifacts) "
+        "and one nested run per trial, tagged with ablation, variant, dataset, seed and paper "
+        "table. Prints one line per trial start, validation and end, then the results table "
+        "(variant x dataset, mean ± std over seeds) and where it was written. The local "
+        "profile (default) runs on the synthetic stand-ins with the tiny backbone: frozen "
+        "features are extracted once and shared by every trial. After Ctrl-C or a killed "
+        "driver, --resume finishes the sweep without rerunning finished trials.",
+    )
+    sweep.add_argument("ablation", metavar="ABLATION.yaml", help="ablation file")
+    sweep.add_argument(
+        "--profile",
+        default=None,
+        metavar="NAME",
+        help="experiment profile: local (stand-ins, tiny backbone; default) or paper",
+    )
+    sweep.add_argument(
+        "--max-concurrent",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="trials running at once (default: as many as the cluster's CPUs/GPUs fit)",
+    )
+    sweep.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="run seeds 0..K-1 of every trial (default: the file's seeds)",
+    )
+    sweep.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value in every trial (repeatable), e.g. train.num_steps=50",
+    )
+    sweep.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the newest unfinished sweep of this ablation and profile",
+    )
+    sweep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the trial table (variant, dataset, seed, overrides) and exit",
+    )
+    _add_cluster_arguments(sweep)
+    sweep.set_defaults(handler=_sweep)
 
 
 def _add_train_command(commands: argparse._SubParsersAction) -> None:
@@ -108,25 +192,7 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
         help="CPUs reserved per worker (default 1)",
     )
     train.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
-    train.add_argument(
-        "--address",
-        metavar="ADDR",
-        default=None,
-        help="Ray cluster to attach to, e.g. auto (default: $RAY_ADDRESS, else start Ray here)",
-    )
-    train.add_argument(
-        "--tracking-uri",
-        metavar="URI",
-        default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
-    )
-    train.add_argument(
-        "--storage-path",
-        metavar="PATH",
-        default=None,
-        help="checkpoint storage: a directory, or shared/cloud storage on a cluster "
-        "(default: $EVL_PLATFORM_STORAGE, else ./ray_results)",
-    )
+    _add_cluster_arguments(train)
     train.add_argument(
         "--resume",
         nargs="?",
@@ -292,6 +358,34 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         parser.add_argument("--no-track", action="store_true", help="log no MLflow run")
         parser.set_defaults(handler=handler)
 
+    sweep = actions.add_parser(
+        "sweep",
+        help="wall time of an ablation sweep with frozen-feature reuse vs without",
+        description="Run the ablation twice in one Ray session: with frozen-feature reuse "
+        "(from an empty feature cache, so extraction is included) and without (every trial "
+        "decodes videos and runs the backbone at every step). Each sweep goes to a temporary "
+        "MLflow store; the timings and the speedup (target 5x) are printed and logged as one "
+        "run in experiment `benchmarks`.",
+    )
+    sweep.add_argument("ablation", metavar="ABLATION.yaml", help="ablation file")
+    sweep.add_argument("--profile", default=None, metavar="NAME", help="default: local")
+    sweep.add_argument(
+        "--max-concurrent", type=_positive_int, default=None, metavar="N", help="trials at once"
+    )
+    sweep.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value in every trial of both sweeps (repeatable)",
+    )
+    sweep.add_argument("--address", metavar="ADDR", default=None, help="Ray cluster to attach to")
+    sweep.add_argument("--tracking-uri", metavar="URI", default=None, help="MLflow tracking URI")
+    sweep.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    sweep.add_argument("--json", action="store_true", help="print one JSON object")
+    sweep.set_defaults(handler=_bench_sweep)
+
 
 def _train(args: argparse.Namespace) -> int:
     from evl_platform.train.launcher import TrainOptions, train
@@ -355,6 +449,30 @@ def _bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_sweep(args: argparse.Namespace) -> int:
+    """``bench sweep``: the ablation with and without frozen-feature reuse."""
+    from evl_platform.bench.common import finish
+    from evl_platform.bench.sweep import bench_sweep
+
+    result = bench_sweep(
+        args.ablation,
+        profile=args.profile,
+        max_concurrent=args.max_concurrent,
+        overrides=args.overrides,
+        address=args.address,
+    )
+    print(
+        finish(
+            result,
+            bench="sweep",
+            track=not args.no_track,
+            tracking_uri=args.tracking_uri,
+            as_json=args.json,
+        )
+    )
+    return 0
+
+
 def _bench_model(args: argparse.Namespace) -> int:
     """``bench step`` and ``bench infer``: one measurement, printed and logged to MLflow."""
     from evl_platform.bench.common import finish
@@ -385,6 +503,43 @@ def _bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from evl_platform.sweep.runner import SweepOptions, dry_run_table, plan, run_sweep
+
+    options = SweepOptions(
+        profile=args.profile,
+        max_concurrent=args.max_concurrent,
+        seeds=args.seeds,
+        resume=args.resume,
+        address=args.address,
+        tracking_uri=args.tracking_uri,
+        storage_path=args.storage_path,
+        overrides=args.overrides,
+    )
+    if args.dry_run:
+        ablation, trials = plan(args.ablation, options)
+        print(dry_run_table(ablation, trials))
+        return 0
+    outcome = run_sweep(args.ablation, options)
+    print()
+    print(outcome.table.terminal())
+    if outcome.ensembles is not None:
+        print()
+        print(outcome.ensembles.terminal())
+    print(
+        f"\nresults: {outcome.results_dir} (results.md, results.csv); MLflow parent run "
+        f"{outcome.parent_run_id}; {outcome.seconds / 60:.1f} min"
+    )
+    if outcome.failed:
+        print(
+            f"error: {len(outcome.failed)} trials did not finish ({', '.join(outcome.failed)}); "
+            "run the same command with --resume to retry them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _model_info(args: argparse.Namespace) -> int:
     from evl_platform.models import model_info
 
@@ -405,19 +560,26 @@ def format_model_info(info: dict) -> str:
     """Human-readable summary of :func:`evl_platform.models.model_info`."""
     modules = " + ".join(info["temporal_modules"]) or "no temporal modules"
     height, width = info["image_size"]
-    rows = [
-        (
-            "backbone",
-            f"{info['backbone']} ({info['backbone_mode']}), {height}x{width}px, "
-            f"{info['backbone_params'] / 1e6:.2f} M params",
-        ),
-        (
-            "decoder",
-            f"{info['decoder_layers']} layers reading blocks {info['feature_layers']}, "
-            f"{modules}, {info['feature_shape']} features",
-        ),
+    if info.get("arch", "evl") == "evl":
+        rows = [
+            (
+                "backbone",
+                f"{info['backbone']} ({info['backbone_mode']}), {height}x{width}px, "
+                f"{info['backbone_params'] / 1e6:.2f} M params",
+            ),
+            (
+                "decoder",
+                f"{info['decoder_layers']} layers reading blocks {info['feature_layers']}, "
+                f"{modules}, {info['feature_shape']} features",
+            ),
+        ]
+        new = "decoder + temporal modules + head"
+    else:
+        rows = [("model", f"{info['backbone_mode']}, {height}x{width}px")]
+        new = "the whole network, trained from scratch"
+    rows += [
         ("input", f"{info['num_frames']} frames, {info['num_classes']} classes"),
-        ("new params", f"{info['new_params'] / 1e6:.2f} M (decoder + temporal modules + head)"),
+        ("new params", f"{info['new_params'] / 1e6:.2f} M ({new})"),
         ("trainable", f"{info['trainable_params'] / 1e6:.2f} M"),
         ("GFLOPs/view", f"{info['gflops_per_view']:.4g} (multiply-accumulates, as in the paper)"),
         ("views", f"{info['views']} -> {info['gflops_total']:.4g} GFLOPs per video"),
@@ -434,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataSourceError as err:  # a data.* value: name the experiment file too
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
-    except (ConfigError, AnnotationError, ResumeError) as err:
+    except (ConfigError, AnnotationError, ResumeError, AblationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -103,9 +103,11 @@ def ray_init_options(num_cpus: int | None = None) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None) -> Iterator[None]:
+def ray_session(address: str | None = None, *, log_to_driver: bool = True) -> Iterator[None]:
     """Uses the current Ray connection, attaches to ``address`` (or ``$RAY_ADDRESS``), or
-    starts a local instance; what this call started or attached is shut down at the end."""
+    starts a local instance; what this call started or attached is shut down at the end.
+    ``log_to_driver=False`` keeps the workers' output off this console (a sweep prints its
+    own progress)."""
     import ray
 
     if ray.is_initialized():
@@ -113,9 +115,9 @@ def ray_session(address: str | None = None) -> Iterator[None]:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(**ray_init_options())
+        ray.init(**ray_init_options(), log_to_driver=log_to_driver)
     try:
         yield
     finally:
@@ -196,7 +198,7 @@ def run_tags(cfg: ExperimentConfig, options: TrainOptions, run_name: str) -> dic
         names.TAG_KIND: "train",
         names.TAG_PROFILE: cfg.profile,
         names.TAG_DATASET: cfg.data.dataset,
-        names.TAG_BACKBONE: cfg.model.backbone.name,
+        names.TAG_BACKBONE: cfg.model.backbone.name if cfg.model.arch == "evl" else cfg.model.arch,
         names.TAG_GIT_COMMIT: git_commit(),
         names.TAG_VARIANT: cfg.name,
         names.TAG_RAY_RUN: run_name,

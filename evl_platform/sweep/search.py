@@ -1,0 +1,151 @@
+"""Model-based search (an ablation's ``search`` block): Optuna TPE proposes, ASHA stops early.
+
+Each dataset's trial row is searched in its own Tune run of ``num_samples`` samples; every
+sample is one training run nested under the sweep's parent, tagged with its sampled values.
+On ``--resume`` the finished samples are handed back to Optuna (``points_to_evaluate`` with
+their results) and only the missing number of samples runs; a sample that was cut off
+mid-run is deleted and sampled afresh, so every sample has exactly one run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from evl_platform.sweep.spec import Ablation, SearchDimension, Trial
+from evl_platform.tracking import names
+from evl_platform.tracking.client import Tracker
+
+if TYPE_CHECKING:
+    from evl_platform.sweep.runner import SweepOptions, _Parent
+
+# ASHA reads val/acc1 from the reports that carry it; training-only reports in between lack it.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
+SEARCH_PARAM = "search."  # sampled values are logged as tags search.<dotted key>
+
+
+def _domain(dim: SearchDimension) -> Any:
+    from ray import tune
+
+    if dim.loguniform is not None:
+        return tune.loguniform(*dim.loguniform)
+    if dim.uniform is not None:
+        return tune.uniform(*dim.uniform)
+    return tune.choice(list(dim.choice or ()))
+
+
+def run_search(
+    ablation: Ablation,
+    trials: Sequence[Trial],
+    tracker: Tracker,
+    parent: _Parent,
+    storage: str,
+    options: SweepOptions,
+    context: Callable[..., dict[str, Any]],
+) -> None:
+    """Runs the remaining samples of every trial row of a search ablation."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from evl_platform.sweep.runner import (
+        _TRIAL_ACTOR_MEMORY,
+        TrialProgress,
+        default_concurrency,
+        run_trial_entry,
+    )
+
+    search = ablation.spec.search
+    assert search is not None
+    sweep = context(ablation, parent, storage, options, tracker)
+    children = tracker.children(ablation.spec.name, parent.run_id)
+    for trial in trials:
+        mine = [
+            r
+            for r in children
+            if r.data.tags.get(names.TAG_TRIAL, "").startswith(f"{trial.key}/")
+            and r.data.tags.get(names.TAG_KIND) == "train"
+        ]
+        finished = [r for r in mine if r.info.status == "FINISHED"]
+        for run in mine:
+            if run.info.status != "FINISHED":
+                tracker.delete(run.info.run_id)  # cut off mid-run: sampled afresh
+        remaining = search.num_samples - len(finished)
+        if remaining <= 0:
+            continue
+        points, rewards = [], []
+        for run in finished:
+            value = run.data.metrics.get(search.metric)
+            sampled = {k: _parse(run.data.params.get(k)) for k in search.space}
+            if value is not None and None not in sampled.values():
+                points.append({"entry": {"search": sampled}})
+                rewards.append(value)
+        cfg = trial.load(ablation.profile, options.overrides)
+        scheduler = None
+        if search.asha is not None:
+            scheduler = ASHAScheduler(
+                time_attr="step",
+                max_t=search.asha.max_t or cfg.train.num_steps,
+                grace_period=search.asha.grace_period,
+                reduction_factor=search.asha.reduction_factor,
+            )
+        searcher = OptunaSearch(
+            points_to_evaluate=points or None,
+            evaluated_rewards=rewards or None,
+            seed=trial.seed,
+        )
+        print(
+            f"search {trial.key}: {remaining} of {search.num_samples} samples to run "
+            f"({len(finished)} finished earlier)",
+            flush=True,
+        )
+        tuner = tune.Tuner(
+            tune.with_resources(run_trial_entry, {"memory": _TRIAL_ACTOR_MEMORY}),
+            param_space={
+                "entry": {
+                    "trial": trial.to_dict(),
+                    "sweep": sweep,
+                    "search": {k: _domain(d) for k, d in search.space.items()},
+                }
+            },
+            tune_config=tune.TuneConfig(
+                metric=search.metric,
+                mode=search.mode,
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=remaining,
+                max_concurrent_trials=options.max_concurrent or default_concurrency(ablation),
+            ),
+            run_config=tune.RunConfig(
+                name=f"tune-{parent.name}-{trial.slug}",
+                storage_path=storage,
+                verbose=0,
+                callbacks=[
+                    TrialProgress(total=search.num_samples, finished=len(finished), quiet=False)
+                ],
+            ),
+        )
+        tuner.fit()
+        _close_stopped(tracker, ablation, parent, trial)
+
+
+def _parse(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _close_stopped(tracker: Tracker, ablation: Ablation, parent: _Parent, trial: Trial) -> None:
+    """Samples ASHA stopped are left RUNNING by their killed trainer: they finished early."""
+    for run in tracker.children(ablation.spec.name, parent.run_id):
+        tags = run.data.tags
+        if run.info.status == "RUNNING" and tags.get(names.TAG_TRIAL, "").startswith(
+            f"{trial.key}/"
+        ):
+            tracker.set_tags(run.info.run_id, {names.TAG_EARLY_STOPPED: "true"})
+            tracker.terminate(run.info.run_id, "FINISHED")

@@ -1,0 +1,212 @@
+"""Sweeps on real Ray Tune + Ray Train with a real MLflow store (sqlite).
+
+A reduced ablation (2 variants of the micro backbone on the small motion stand-in, a few
+steps) is killed mid-way with SIGKILL and finished with ``--resume``: the store must then
+hold one parent run with exactly one finished run per trial, and the trial that had finished
+before the kill must not have been run again. The ensemble stage is checked on score files.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import layout_data, write_config
+from mlflow.tracking import MlflowClient
+
+from evl_platform.cli import main
+from evl_platform.data.synth import SyntheticLayout
+from evl_platform.sweep.runner import SweepOptions, run_sweep
+from evl_platform.tracking import names
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+FIXED_VIEWS = {"random_resized_crop": None, "rand_augment": None, "horizontal_flip": False}
+
+
+def _client(tmp_path: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def _runs(tmp_path: Path) -> list:
+    client = _client(tmp_path)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids) if ids else []
+
+
+def _reduced_ablation(tmp_path: Path, layout: SyntheticLayout) -> Path:
+    schedule = {
+        "num_steps": 12,
+        "batch_size": 4,
+        "log_every": 4,
+        "eval_every": 6,
+        "checkpoint_every": 4,
+        "amp": "none",
+    }
+    features = {"reuse": True, "train_views": 1, "cache_dir": str(tmp_path / "features")}
+    data = layout_data(layout, augment=FIXED_VIEWS)
+    write_config(tmp_path / "exp.yaml", data, train=schedule, features=features)
+    ablation = {
+        "name": "reduced",
+        "table": {"paper": "8a", "columns": {"ssv2": "SSv2"}},
+        "experiments": {"ssv2": "exp.yaml"},
+        "variants": {
+            "none": {
+                "model.decoder.temporal_conv": False,
+                "model.decoder.temporal_pos_embed": False,
+            },
+            "all": {"model.decoder.temporal_conv": True, "model.decoder.temporal_pos_embed": True},
+        },
+    }
+    path = tmp_path / "reduced.yaml"
+    path.write_text(yaml.safe_dump(ablation, sort_keys=False))
+    return path
+
+
+def test_killed_sweep_is_finished_by_resume_with_one_run_per_trial(
+    tmp_path: Path, motion_small: SyntheticLayout
+) -> None:
+    import ray
+
+    ablation = _reduced_ablation(tmp_path, motion_small)
+    args = [
+        str(ablation),
+        "--max-concurrent",
+        "1",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "--storage-path",
+        str(tmp_path / "storage"),
+    ]
+    _runs(tmp_path)  # create the store's tables before two processes race to
+    address = ray.get_runtime_context().gcs_address
+    log = tmp_path / "driver.log"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "evl_platform.cli", "sweep", *args, "--address", address],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=os.environ | {"RAY_ADDRESS": address},
+    )
+    try:  # kill the driver once the first trial has finished and the second has started
+        deadline = time.monotonic() + 300
+        while True:
+            assert driver.poll() is None, f"the sweep ended early: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no finished trial within 300 s"
+            trials = [r for r in _runs(tmp_path) if r.data.tags.get(names.TAG_KIND) == "train"]
+            if any(r.info.status == "FINISHED" for r in trials) and len(trials) == 2:
+                break
+            time.sleep(0.5)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    before = {
+        r.data.tags[names.TAG_TRIAL]: r for r in _runs(tmp_path) if names.TAG_TRIAL in r.data.tags
+    }
+    finished_before = {k: r.info.run_id for k, r in before.items() if r.info.status == "FINISHED"}
+    assert len(finished_before) == 1
+    [parent] = [r for r in _runs(tmp_path) if r.data.tags.get(names.TAG_KIND) == "sweep"]
+    assert parent.info.status == "RUNNING"
+
+    outcome = run_sweep(
+        ablation,
+        SweepOptions(
+            resume=True,
+            max_concurrent=1,
+            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+            storage_path=str(tmp_path / "storage"),
+            quiet=True,
+        ),
+    )
+
+    runs = _runs(tmp_path)
+    [parent_after] = [r for r in runs if r.data.tags.get(names.TAG_KIND) == "sweep"]
+    assert parent_after.info.run_id == parent.info.run_id == outcome.parent_run_id
+    assert parent_after.info.status == "FINISHED"
+    trials = [r for r in runs if r.data.tags.get(names.TAG_KIND) == "train"]
+    assert sorted(r.data.tags[names.TAG_TRIAL] for r in trials) == [
+        "all/ssv2/seed0",
+        "none/ssv2/seed0",
+    ]
+    for run in trials:
+        tags = run.data.tags
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags[names.TAG_ABLATION] == "reduced" and tags[names.TAG_PAPER_TABLE] == "8a"
+        assert tags[names.TAG_DATASET_KEY] == "ssv2" and tags[names.TAG_SEED] == "0"
+        assert tags[names.TAG_VARIANT] == tags[names.TAG_TRIAL].split("/")[0]
+        assert names.VAL_ACC1 in run.data.metrics
+        history = _client(tmp_path).get_metric_history(run.info.run_id, names.TRAIN_LOSS)
+        assert sorted(m.step for m in history) == [4, 8, 12]  # no gap, no duplicate
+    # the trial that finished before the kill was not run again
+    for key, run_id in finished_before.items():
+        assert outcome.trial_runs[key] == run_id
+    # results table: in the terminal object, on disk and as parent artifacts
+    for run in trials:
+        cell = outcome.table.cell(run.data.tags[names.TAG_VARIANT], "ssv2")
+        assert cell.values == [run.data.metrics[names.VAL_ACC1]]
+    frame = pd.read_csv(outcome.results_dir / "results.csv")
+    assert list(frame["variant"]) == ["none", "all"] and list(frame["n"]) == [1, 1]
+    artifacts = {a.path for a in _client(tmp_path).list_artifacts(parent.info.run_id)}
+    assert {names.ARTIFACT_ABLATION, names.ARTIFACT_RESULTS_CSV, names.ARTIFACT_RESULTS_MD} <= (
+        artifacts
+    )
+
+
+def _score_file(path: Path, correct: np.ndarray) -> Path:
+    """A 3-class score file over 40 videos: confidently right (0.9) where ``correct``, else
+    narrowly wrong (0.5 on the next class, 0.4 on the right one)."""
+    labels = np.arange(40) % 3
+    rows = np.arange(40)
+    probs = np.zeros((40, 3))
+    probs[rows, labels] = np.where(correct, 0.9, 0.4)
+    probs[rows, (labels + 1) % 3] = np.where(correct, 0.05, 0.5)
+    probs[rows, (labels + 2) % 3] = np.where(correct, 0.05, 0.1)
+    frame = pd.DataFrame(probs, columns=["a", "b", "c"])
+    frame.insert(0, "label", labels)
+    frame.insert(0, "video_id", [f"v{i:03d}" for i in range(40)])
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_ensemble_stage_of_a_sweep_logs_one_run_per_pair(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = np.arange(40) < 30  # right on videos 0-29
+    second = np.arange(40) >= 16  # right on videos 16-39
+    ablation = {
+        "name": "ens",
+        "table": {"paper": "10"},
+        "experiments": {
+            "k400": str(Path(__file__).parents[1] / "experiments/local_motion_tiny.yaml")
+        },
+        "variants": {
+            "one": {"scores": {"k400": str(_score_file(tmp_path / "one.csv", first))}},
+            "two": {"scores": {"k400": str(_score_file(tmp_path / "two.csv", second))}},
+        },
+        "ensemble": {"pairs": [["one", "two"]]},
+    }
+    path = tmp_path / "ens.yaml"
+    path.write_text(yaml.safe_dump(ablation))
+    args = ["sweep", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    assert main([*args, "--storage-path", str(tmp_path / "storage")]) == 0
+    out = capsys.readouterr().out
+    assert "one + two" in out
+    [run] = [r for r in _runs(tmp_path) if r.data.tags.get(names.TAG_KIND) == "ensemble"]
+    metrics = run.data.metrics
+    assert metrics[names.ENSEMBLE_ACC1_A] == 75.0 and metrics[names.ENSEMBLE_ACC1_B] == 60.0
+    # each model is confidently right where the other is narrowly wrong: the even mix is
+    # right everywhere, and only alphas 0.4-0.6 are (0.3 and 0.7 let the wrong side win)
+    assert metrics[names.ENSEMBLE_ACC1_BEST] == 100.0 and metrics[names.ENSEMBLE_ALPHA] == 0.5
+    assert metrics[names.ENSEMBLE_GAIN] == 25.0
+    assert run.data.tags["mlflow.parentRunId"] in {
+        r.info.run_id for r in _runs(tmp_path) if r.data.tags.get(names.TAG_KIND) == "sweep"
+    }
+    assert run.data.tags[names.TAG_TRIAL] == "one+two/k400/seed0"
