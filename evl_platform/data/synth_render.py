@@ -27,7 +27,7 @@ PALETTE: dict[str, Colour] = {
     "black": (20, 20, 20),
 }
 MOTION_SHAPES = ("square", "disc", "triangle", "cross", "L-shape", "bar", "diamond", "ring")
-MOTION_BACKGROUNDS = ("solid", "gradient", "stripes", "checker", "noise")
+MOTION_BACKGROUNDS = ("solid",)
 
 # Half-size of each shape's bounding circle in units of the sprite radius (keeps it in frame).
 _EXTENT = 1.2
@@ -177,8 +177,9 @@ def compose(background: np.ndarray, sprites: list[Sprite], num_frames: int) -> n
 MOTION_KINDS = ("horizontal", "vertical", "scale", "rotation", "two_objects")
 
 
-def _muted_colour(rng: np.random.Generator) -> Colour:
-    rgb = np.clip(rng.uniform(50.0, 200.0) + rng.normal(0.0, 25.0, 3), 0, 255)
+def _dark_colour(rng: np.random.Generator) -> Colour:
+    """A dark, nearly grey background colour: the object is always the salient thing."""
+    rgb = np.clip(rng.uniform(15.0, 60.0) + rng.normal(0.0, 10.0, 3), 0, 255)
     return tuple(int(c) for c in np.rint(rgb))
 
 
@@ -196,9 +197,9 @@ def _ramp(start: float, end: float, num_frames: int) -> np.ndarray:
 
 
 def _travel(rng: np.random.Generator, lo: float, hi: float, num_frames: int) -> np.ndarray:
-    """A straight path over most of ``[lo, hi]``, increasing, at constant speed."""
+    """A straight path over nearly all of ``[lo, hi]``, increasing, at constant speed."""
     span = max(hi - lo, 0.0)
-    length = rng.uniform(0.6, 1.0) * span
+    length = rng.uniform(0.85, 1.0) * span
     start = lo + rng.uniform(0.0, span - length)
     return _ramp(start, start + length, num_frames)
 
@@ -225,7 +226,7 @@ def motion_clip(
         ``(frames, placeholders)``: (T, H, W, 3) uint8 RGB frames and the SSv2 placeholder
         text of each object ("red square").
     """
-    c0, c1 = _muted_colour(rng), _muted_colour(rng)
+    c0 = c1 = _dark_colour(rng)
     background = render_background(str(rng.choice(MOTION_BACKGROUNDS)), c0, c1, rng, height, width)
     count = 2 if kind == "two_objects" else 1
     looks = [(str(rng.choice(MOTION_SHAPES)), _pick_colour(rng, [c0, c1])) for _ in range(count)]
@@ -273,12 +274,16 @@ def _motion_poses(
 def _converging_poses(
     rng: np.random.Generator, t: int, height: int, width: int, angle: float
 ) -> list[dict[str, np.ndarray | float]]:
-    """Two objects on a random axis, starting far apart and meeting near the centre."""
+    """Two objects on a diagonal axis, starting far apart and meeting near the centre.
+
+    The axis is diagonal (45 degrees, +-0.2 rad, either way) so that the path of the pair does
+    not look like the path of one object moving horizontally or vertically.
+    """
     short = min(height, width)
     r1, r2 = rng.uniform(0.1, 0.15, size=2) * short
     margin = max(r1, r2)  # may clip a corner at the start, for a longer approach
     centre = np.array([width, height]) / 2 + rng.uniform(-0.05, 0.05, 2) * short
-    theta = rng.uniform(-0.6, 0.6) + (np.pi / 2 if rng.random() < 0.25 else 0.0)  # mostly along x
+    theta = rng.choice([-1.0, 1.0]) * rng.uniform(np.pi / 4 - 0.2, np.pi / 4 + 0.2)
     axis = np.array([np.cos(theta), np.sin(theta)])
     room = np.minimum(centre - margin, np.array([width, height]) - margin - centre)
     with np.errstate(divide="ignore"):

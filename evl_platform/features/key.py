@@ -128,11 +128,12 @@ def split_inputs(
 
 
 def weights_identity(cfg: ExperimentConfig) -> str:
-    """The backbone weights: ``random:<init_seed>``, ``sha256:<digest>`` of a local weights
-    file, or ``open_clip:<name>:<tag>``."""
+    """The backbone weights: ``random:<init>:<init_seed>`` (``init`` names the registered
+    init scheme, e.g. ``dct-sincos-v1``), ``sha256:<digest>`` of a local weights file, or
+    ``open_clip:<name>:<tag>``."""
     backbone = cfg.model.backbone
     if backbone.pretrained is None:
-        return f"random:{backbone.init_seed}"
+        return f"random:{backbone_spec(backbone.name).init}:{backbone.init_seed}"
     if is_weights_path(backbone.pretrained):
         return f"sha256:{file_sha256(backbone.pretrained)}"
     return f"open_clip:{backbone.name}:{backbone.pretrained}"

@@ -20,6 +20,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from evl_platform.config.schema import BackboneConfig, is_weights_path
+from evl_platform.models.tiny_init import DCT_SINCOS, init_dct_sincos
 from evl_platform.registry import Registry
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -32,25 +33,34 @@ class BackboneSpec:
     Attributes:
         vision_cfg: keyword arguments of open_clip's ``CLIPVisionCfg``.
         embed_dim: width of the final projection (the CLIP embedding).
+        init: random init when no weights are loaded: ``open_clip`` (its own seeded init) or
+            ``dct-sincos-v1`` (seeded blocks, fixed DCT patch and sin-cos position embeddings,
+            see :mod:`evl_platform.models.tiny_init`). Part of the feature cache key.
     """
 
     vision_cfg: dict
     embed_dim: int
+    init: str = "open_clip"
 
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 # Tiny random-init encoders for the CPU `local` profile and for tests: 8x8 and 4x4 patch
-# grids, 4 and 2 heads of width 16.
+# grids, 4 and 2 heads of width 16. Their patch and position embeddings get a fixed DCT /
+# sin-cos init (a stand-in for pretrained CLIP's low-level filters), their blocks stay random.
 BACKBONES.add(
     "tiny-vit",
     BackboneSpec(
-        dict(image_size=64, patch_size=8, width=64, layers=4, head_width=16), embed_dim=64
+        dict(image_size=64, patch_size=8, width=64, layers=4, head_width=16),
+        embed_dim=64,
+        init=DCT_SINCOS,
     ),
 )
 BACKBONES.add(
     "micro-vit",
     BackboneSpec(
-        dict(image_size=32, patch_size=8, width=32, layers=3, head_width=16), embed_dim=32
+        dict(image_size=32, patch_size=8, width=32, layers=3, head_width=16),
+        embed_dim=32,
+        init=DCT_SINCOS,
     ),
 )
 
@@ -242,6 +252,8 @@ def create_backbone(cfg: BackboneConfig, *, load_weights: bool = True) -> ClipBa
             visual = _build_vision_tower(
                 spec.embed_dim, CLIPVisionCfg(**spec.vision_cfg), quick_gelu=cfg.quick_gelu
             )
+        if spec.init == DCT_SINCOS:
+            init_dct_sincos(visual)
         if pretrained is not None:
             visual.load_state_dict(load_visual_state_dict(pretrained))
     return ClipBackbone(visual=visual, mode=cfg.mode, dtype=_DTYPES[cfg.dtype])

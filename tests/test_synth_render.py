@@ -1,0 +1,45 @@
+"""What the synthetic-motion renderer promises: a salient object and distinct motion paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evl_platform.data import synth_render as render
+
+SIZE = 64
+
+
+@pytest.mark.parametrize("kind", render.MOTION_KINDS)
+def test_motion_object_stands_out_from_a_dark_background(kind: str) -> None:
+    for seed in range(5):
+        frames, _ = render.motion_clip(kind, np.random.default_rng(seed), 8, SIZE, SIZE)
+        luminance = frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        background = np.median(luminance)
+        assert background < 80
+        # the object's pixels differ from the background by far more than the background varies
+        distance = np.abs(frames.astype(np.float32) - np.median(frames, axis=(0, 1, 2))).sum(-1)
+        assert (distance > 100).sum(axis=(1, 2)).min() >= 10  # every frame shows the object
+
+
+@pytest.mark.parametrize("kind", ["horizontal", "vertical"])
+def test_single_object_sweeps_nearly_the_whole_frame(kind: str) -> None:
+    for seed in range(10):
+        (pose,) = render._motion_poses(kind, np.random.default_rng(seed), 8, SIZE, SIZE)
+        path = np.asarray(pose["cx" if kind == "horizontal" else "cy"])
+        margin = render._EXTENT * float(pose["radius"])
+        assert abs(path[-1] - path[0]) >= 0.85 * (SIZE - 2 * margin) - 1e-6
+
+
+def test_two_objects_converge_along_a_diagonal() -> None:
+    for seed in range(20):
+        first, second = render._motion_poses(
+            "two_objects", np.random.default_rng(seed), 8, SIZE, SIZE
+        )
+        dx = first["cx"][-1] - first["cx"][0]
+        dy = first["cy"][-1] - first["cy"][0]
+        slope = abs(dy / dx)
+        assert 0.5 < slope < 2.0  # 45 degrees +- 0.2 rad, never (near) horizontal or vertical
+        start = np.hypot(first["cx"][0] - second["cx"][0], first["cy"][0] - second["cy"][0])
+        end = np.hypot(first["cx"][-1] - second["cx"][-1], first["cy"][-1] - second["cy"][-1])
+        assert end < start
