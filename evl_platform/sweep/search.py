@@ -117,6 +117,9 @@ def run_search(
                 scheduler=scheduler,
                 num_samples=remaining,
                 max_concurrent_trials=options.max_concurrent or default_concurrency(ablation),
+                # a reused trial actor keeps its finished TorchTrainer's placement group (and
+                # CPUs) alive, starving the next samples: one fresh actor per sample
+                reuse_actors=False,
             ),
             run_config=tune.RunConfig(
                 name=f"tune-{parent.name}-{trial.slug}",
