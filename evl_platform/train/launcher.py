@@ -98,7 +98,11 @@ def ray_init_options(num_cpus: int | None = None) -> dict[str, Any]:
     return {
         "num_cpus": num_cpus,
         "include_dashboard": False,
-        "runtime_env": {"worker_process_setup_hook": f"{__name__}.quiet_ray_workers"},
+        "runtime_env": {
+            "worker_process_setup_hook": f"{__name__}.quiet_ray_workers",
+            # One actor process less per training: a local machine is not preempted.
+            "env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
+        },
     }
 
 

@@ -101,6 +101,14 @@ def _quiet_report_logs() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+def _match_threads_to_cpus() -> None:
+    """One intra-op thread per CPU this worker reserved: more threads than reserved cores
+    oversubscribe the machine when several workers or trials share it."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. ``config``: ``experiment`` (the resolved config as a dict),
     ``run_id`` (MLflow), optional ``fail_at_step`` and ``fail_marker`` (tests)."""
@@ -110,6 +118,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed * 1000 + rank)
+    _match_threads_to_cpus()
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world}")
 
