@@ -105,6 +105,32 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_ablation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ablation file, its profile, trial concurrency and overrides for every trial."""
+    parser.add_argument("ablation", metavar="ABLATION.yaml", help="ablation file (ablations/)")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="NAME",
+        help="experiment profile: local (stand-ins, tiny backbone; default) or paper",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="trials running at once (default: as many as the cluster's CPUs/GPUs fit)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value in every trial (repeatable), e.g. train.num_steps=50",
+    )
+
+
 def _add_sweep_command(commands: argparse._SubParsersAction) -> None:
     sweep = commands.add_parser(
         "sweep",
@@ -119,34 +145,13 @@ def _add_sweep_command(commands: argparse._SubParsersAction) -> None:
         "features are extracted once and shared by every trial. After Ctrl-C or a killed "
         "driver, --resume finishes the sweep without rerunning finished trials.",
     )
-    sweep.add_argument("ablation", metavar="ABLATION.yaml", help="ablation file")
-    sweep.add_argument(
-        "--profile",
-        default=None,
-        metavar="NAME",
-        help="experiment profile: local (stand-ins, tiny backbone; default) or paper",
-    )
-    sweep.add_argument(
-        "--max-concurrent",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="trials running at once (default: as many as the cluster's CPUs/GPUs fit)",
-    )
+    _add_ablation_arguments(sweep)
     sweep.add_argument(
         "--seeds",
         type=_positive_int,
         default=None,
         metavar="K",
         help="run seeds 0..K-1 of every trial (default: the file's seeds)",
-    )
-    sweep.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value in every trial (repeatable), e.g. train.num_steps=50",
     )
     sweep.add_argument(
         "--resume",
@@ -367,19 +372,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         "MLflow store; the timings and the speedup (target 5x) are printed and logged as one "
         "run in experiment `benchmarks`.",
     )
-    sweep.add_argument("ablation", metavar="ABLATION.yaml", help="ablation file")
-    sweep.add_argument("--profile", default=None, metavar="NAME", help="default: local")
-    sweep.add_argument(
-        "--max-concurrent", type=_positive_int, default=None, metavar="N", help="trials at once"
-    )
-    sweep.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value in every trial of both sweeps (repeatable)",
-    )
+    _add_ablation_arguments(sweep)
     sweep.add_argument("--address", metavar="ADDR", default=None, help="Ray cluster to attach to")
     sweep.add_argument("--tracking-uri", metavar="URI", default=None, help="MLflow tracking URI")
     sweep.add_argument("--no-track", action="store_true", help="do not log to MLflow")
