@@ -210,3 +210,36 @@ def test_ensemble_stage_of_a_sweep_logs_one_run_per_pair(
         r.info.run_id for r in _runs(tmp_path) if r.data.tags.get(names.TAG_KIND) == "sweep"
     }
     assert run.data.tags[names.TAG_TRIAL] == "one+two/k400/seed0"
+
+
+def test_search_runs_its_samples_as_nested_runs_with_sampled_values(
+    tmp_path: Path, motion_small: SyntheticLayout
+) -> None:
+    ablation = _reduced_ablation(tmp_path, motion_small)
+    body = yaml.safe_load(ablation.read_text())
+    body["variants"] = {"search": {}}
+    body["search"] = {
+        "num_samples": 3,
+        "space": {"train.lr": {"loguniform": [1.0e-4, 1.0e-2]}},
+        "asha": {"grace_period": 6, "reduction_factor": 2},
+    }
+    ablation.write_text(yaml.safe_dump(body, sort_keys=False))
+    outcome = run_sweep(
+        ablation,
+        SweepOptions(
+            max_concurrent=1,
+            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+            storage_path=str(tmp_path / "storage"),
+            quiet=True,
+        ),
+    )
+    runs = [r for r in _runs(tmp_path) if r.data.tags.get(names.TAG_KIND) == "train"]
+    assert len(runs) == 3 and not outcome.failed
+    lrs = {float(r.data.params["train.lr"]) for r in runs}
+    assert len(lrs) == 3 and all(1.0e-4 <= lr <= 1.0e-2 for lr in lrs)
+    for run in runs:  # finished, or stopped early by ASHA and closed as finished
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
+        assert run.data.tags[names.TAG_TRIAL].startswith("search/ssv2/seed0/")
+        assert names.VAL_ACC1 in run.data.metrics
+    assert len(outcome.table.rows) == 3

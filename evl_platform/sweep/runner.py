@@ -16,6 +16,7 @@ checkpoint in the same MLflow run, and deletes a run that never got as far as it
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import tempfile
 import time
@@ -49,6 +50,9 @@ from evl_platform.train.launcher import (
 # The sweep prints its own progress lines; Tune's legacy reporter is silent at verbose=0,
 # while its newer one still prints its experiment banner.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Tune's per-trial INFO lines (result files written, hyper-parameters TensorBoard cannot log)
+# would interleave with those progress lines.
+logging.getLogger("ray.tune").setLevel(logging.WARNING)
 
 KIND_SWEEP = "sweep"
 _TRIAL_ACTOR_MEMORY = 64 * 1024**2
@@ -152,12 +156,26 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
 
     ``config``: ``trial`` (a :class:`Trial` dict), ``sweep`` (profile, overrides, resources,
     tracking URI, storage, experiment, parent run id and name), ``resume_run`` (a Ray Train
-    run name to continue) and, in a search, ``search`` (sampled dotted overrides).
+    run name to continue) and, in a search, ``search`` (sampled dotted overrides) and
+    ``report_metric`` (only results holding this metric reach Tune).
     """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from evl_platform.train.launcher import train
+
+    class MetricReportCallback(TuneReportCallback):
+        """Forwards only the reports that carry ``metric``: Optuna and ASHA need it in each."""
+
+        def __init__(self, metric: str) -> None:
+            super().__init__()
+            self.metric = metric
+
+        def after_report(
+            self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+        ) -> None:
+            if self.metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
 
     trial = Trial.from_dict(config["trial"])
     sweep = config["sweep"]
@@ -188,7 +206,11 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
         run_name=config.get("run_name") or f"{sweep['run_name']}-{trial.slug}",
         parent_run_id=sweep["parent_run_id"],
         tags=tags,
-        callbacks=[TuneReportCallback()],
+        callbacks=[
+            MetricReportCallback(config["report_metric"])
+            if config.get("report_metric")
+            else TuneReportCallback()
+        ],
     )
     outcome = train(cfg, options)
     return {"run_id": outcome.run_id, **outcome.metrics}
@@ -497,26 +519,27 @@ def _table(ablation: Ablation, trials: Sequence[Trial], runs: dict[str, Run]) ->
         columns=list(spec.experiments),
         column_notes={k: v for k, v in notes.items() if v != k},
     )
-    for trial in trials:
-        row = trial.variant + "".join(f" {k.split('.')[-1]}={v}" for k, v in trial.grid.items())
-        if row not in table.rows:
-            table.rows.append(row)
+    for trial in trials if spec.search is None else ():  # a search has a row per sample
+        if _row(trial) not in table.rows:
+            table.rows.append(_row(trial))
     for key, run in sorted(runs.items()):
         trial = next((t for t in trials if t.key == key), None)
         value = run.data.metrics.get(spec.table.metric)
         if run.info.status != _FINAL or value is None:
             continue
-        if trial is None:  # a search sample: one row per sample
-            tags = run.data.tags
-            table.add(
-                f"{tags.get(names.TAG_VARIANT)} {key.split('/')[-1]}",
-                tags.get(names.TAG_DATASET_KEY, "?"),
-                value,
-            )
-            continue
-        row = trial.variant + "".join(f" {k.split('.')[-1]}={v}" for k, v in trial.grid.items())
-        table.add(row, trial.dataset, value)
+        if trial is None and spec.search is not None:  # a search sample: its sampled values
+            params = run.data.params
+            sampled = " ".join(f"{k.split('.')[-1]}={params.get(k)}" for k in spec.search.space)
+            column = run.data.tags[names.TAG_DATASET_KEY]
+            table.add(f"{key.split('/')[-1]} {sampled}", column, value)
+        elif trial is not None:
+            table.add(_row(trial), trial.dataset, value)
     return table
+
+
+def _row(trial: Trial) -> str:
+    """A trial's table row: its variant, plus its grid point if any."""
+    return trial.variant + "".join(f" {k.split('.')[-1]}={v}" for k, v in trial.grid.items())
 
 
 def _write_results(

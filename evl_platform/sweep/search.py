@@ -108,6 +108,8 @@ def run_search(
                     "trial": trial.to_dict(),
                     "sweep": sweep,
                     "search": {k: _domain(d) for k, d in search.space.items()},
+                    # the searcher and ASHA read this metric from every result they get
+                    "report_metric": search.metric,
                 }
             },
             tune_config=tune.TuneConfig(

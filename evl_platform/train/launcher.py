@@ -86,18 +86,20 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def quiet_ray_workers() -> None:
-    """Worker setup hook: keeps Ray Train's per-report INFO lines off the console, and the
-    placement-group cleaner's warnings (without a dashboard it cannot use the state API, and
-    warns every few seconds while still doing its job)."""
+    """Worker setup hook: keeps Ray Train's per-report INFO lines off the console."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    logging.getLogger("ray.train.v2._internal.execution.controller").setLevel(logging.ERROR)
 
 
 def ray_init_options(num_cpus: int | None = None) -> dict[str, Any]:
-    """``ray.init`` arguments for a local, dashboard-less instance."""
+    """``ray.init`` arguments for a local instance.
+
+    The dashboard runs because Ray Train's placement-group cleaner asks the state API (served
+    by the dashboard) whether a trainer's controller has died; without it, the CPUs of a
+    trainer killed mid-run (a trial stopped by ASHA) are never given back.
+    """
     return {
         "num_cpus": num_cpus,
-        "include_dashboard": False,
+        "include_dashboard": True,
         "runtime_env": {
             "worker_process_setup_hook": f"{__name__}.quiet_ray_workers",
             # One actor process less per training: a local machine is not preempted.
