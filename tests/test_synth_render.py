@@ -43,3 +43,15 @@ def test_two_objects_converge_along_a_diagonal() -> None:
         start = np.hypot(first["cx"][0] - second["cx"][0], first["cy"][0] - second["cy"][0])
         end = np.hypot(first["cx"][-1] - second["cx"][-1], first["cy"][-1] - second["cy"][-1])
         assert end < start
+
+
+def test_each_motion_pair_has_its_own_scene_tint() -> None:
+    """One frame tells the pair (by its background tint); the reversal shares the frames."""
+    tints = {k: np.asarray(v) for k, v in render.MOTION_SCENES.items()}
+    for kind in render.MOTION_KINDS:
+        for seed in range(5):
+            frames, _ = render.motion_clip(kind, np.random.default_rng(seed), 8, SIZE, SIZE)
+            background = np.median(frames[0].reshape(-1, 3), axis=0)
+            chroma = background - background.mean()  # the tint, without the brightness
+            scores = {k: float(chroma @ t / np.linalg.norm(t)) for k, t in tints.items()}
+            assert max(scores, key=scores.get) == kind

@@ -177,9 +177,23 @@ def compose(background: np.ndarray, sprites: list[Sprite], num_frames: int) -> n
 MOTION_KINDS = ("horizontal", "vertical", "scale", "rotation", "two_objects")
 
 
-def _dark_colour(rng: np.random.Generator) -> Colour:
-    """A dark, nearly grey background colour: the object is always the salient thing."""
-    rgb = np.clip(rng.uniform(15.0, 60.0) + rng.normal(0.0, 10.0, 3), 0, 255)
+# The "scene" of each motion pair: a dark background tint shared by a motion and its time
+# reversal. One frame tells the pair, as one SSv2 frame shows the objects and setting of an
+# action, but only the order of the frames tells its direction.
+MOTION_SCENES: dict[str, tuple[float, float, float]] = {
+    "horizontal": (1.0, -0.5, -0.5),  # reddish
+    "vertical": (-0.5, 1.0, -0.5),  # greenish
+    "scale": (-0.5, -0.5, 1.0),  # bluish
+    "rotation": (0.7, 0.7, -1.0),  # brownish
+    "two_objects": (0.7, -1.0, 0.7),  # purplish
+}
+_SCENE_TINT = 22.0
+
+
+def _dark_colour(rng: np.random.Generator, tint: tuple[float, float, float]) -> Colour:
+    """A dark background colour of the given tint: the object is always the salient thing."""
+    level = rng.uniform(20.0, 50.0) + _SCENE_TINT * np.asarray(tint)
+    rgb = np.clip(level + rng.normal(0.0, 4.0, 3), 0, 255)
     return tuple(int(c) for c in np.rint(rgb))
 
 
@@ -226,7 +240,7 @@ def motion_clip(
         ``(frames, placeholders)``: (T, H, W, 3) uint8 RGB frames and the SSv2 placeholder
         text of each object ("red square").
     """
-    c0 = c1 = _dark_colour(rng)
+    c0 = c1 = _dark_colour(rng, MOTION_SCENES[kind])
     background = render_background(str(rng.choice(MOTION_BACKGROUNDS)), c0, c1, rng, height, width)
     count = 2 if kind == "two_objects" else 1
     looks = [(str(rng.choice(MOTION_SHAPES)), _pick_colour(rng, [c0, c1])) for _ in range(count)]
