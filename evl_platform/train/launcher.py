@@ -102,8 +102,13 @@ def ray_init_options(num_cpus: int | None = None) -> dict[str, Any]:
         "include_dashboard": True,
         "runtime_env": {
             "worker_process_setup_hook": f"{__name__}.quiet_ray_workers",
-            # One actor process less per training: a local machine is not preempted.
-            "env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
+            "env_vars": {
+                # One actor process less per training: a local machine is not preempted.
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                # The Train controller polls its workers at this interval, and each step of
+                # starting and finishing a run waits for a poll: 2 s by default.
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+            },
         },
     }
 
