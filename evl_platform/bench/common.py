@@ -371,17 +371,13 @@ def log_benchmark(result: BenchResult, *, bench: str, tracking_uri: str | None) 
     run_id = tracker.create_run(
         BENCHMARK_EXPERIMENT, run_name=f"bench-{bench}-{cfg.name}", tags=tags
     )
-    try:
+    with tracker.finishing(run_id):
         tracker.log_params(run_id, {**flatten_config(cfg), **result.params()})
         tracker.log_metrics(run_id, result.metrics(), step=0)
         with tempfile.TemporaryDirectory() as directory:
             path = Path(directory) / f"bench_{bench}.txt"
             path.write_text(result.render() + "\n")
             tracker.log_artifact(run_id, path)
-    except BaseException:
-        tracker.terminate(run_id, "FAILED")
-        raise
-    tracker.terminate(run_id)
     return run_id
 
 

@@ -57,7 +57,7 @@ def log_ensemble(
         tags=run_tags,
         parent_run_id=parent_run_id,
     )
-    try:
+    with tracker.finishing(run_id):
         tracker.log_params(run_id, _params(result, member_a, member_b))
         for alpha, acc in result.curve.items():
             tracker.log_metrics(run_id, {names.ENSEMBLE_ACC1: acc}, step=alpha_step(alpha))
@@ -65,10 +65,6 @@ def log_ensemble(
         with tempfile.TemporaryDirectory() as directory:
             for path in write_curve_files(result, Path(directory)):
                 tracker.log_artifact(run_id, path)
-    except BaseException:
-        tracker.terminate(run_id, "FAILED")
-        raise
-    tracker.terminate(run_id)
     return run_id
 
 

@@ -7,12 +7,13 @@ lock (``timeout`` on the SQLite URI) and every call is retried on "database is l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -140,6 +141,16 @@ class Tracker:
     def terminate(self, run_id: str, status: str = "FINISHED") -> None:
         """Marks a run FINISHED, FAILED or KILLED."""
         _retry(lambda: self.client.set_terminated(run_id, status), "end run")
+
+    @contextlib.contextmanager
+    def finishing(self, run_id: str) -> Iterator[None]:
+        """Marks the run FINISHED when the block ends, FAILED if it raises (and re-raises)."""
+        try:
+            yield
+        except BaseException:
+            self.terminate(run_id, "FAILED")
+            raise
+        self.terminate(run_id)
 
     def reopen(self, run_id: str) -> None:
         """Marks a finished or failed run as running again (a resumed training)."""
