@@ -18,15 +18,16 @@ from evl_platform.sweep.spec import AblationError
 from evl_platform.train.errors import ResumeError
 
 
+def _add_set_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text
+    )
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="EXPERIMENT.yaml", help="experiment YAML file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config value, e.g. --set model.decoder.num_layers=2 (repeatable)",
+    _add_set_argument(
+        parser, "override one config value, e.g. --set model.decoder.num_layers=2 (repeatable)"
     )
     parser.add_argument(
         "--profile",
@@ -121,13 +122,8 @@ def _add_ablation_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="trials running at once (default: as many as the cluster's CPUs/GPUs fit)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value in every trial (repeatable), e.g. train.num_steps=50",
+    _add_set_argument(
+        parser, "override a config value in every trial (repeatable), e.g. train.num_steps=50"
     )
 
 
