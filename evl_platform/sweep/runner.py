@@ -529,9 +529,9 @@ def _table(ablation: Ablation, trials: Sequence[Trial], runs: dict[str, Run]) ->
             continue
         if trial is None and spec.search is not None:  # a search sample: its sampled values
             params = run.data.params
-            sampled = " ".join(f"{k.split('.')[-1]}={params.get(k)}" for k in spec.search.space)
+            sampled = _settings({k: params.get(k) for k in spec.search.space})
             column = run.data.tags[names.TAG_DATASET_KEY]
-            table.add(f"{key.split('/')[-1]} {sampled}", column, value)
+            table.add(key.split("/")[-1] + sampled, column, value)
         elif trial is not None:
             table.add(_row(trial), trial.dataset, value)
     return table
@@ -539,7 +539,12 @@ def _table(ablation: Ablation, trials: Sequence[Trial], runs: dict[str, Run]) ->
 
 def _row(trial: Trial) -> str:
     """A trial's table row: its variant, plus its grid point if any."""
-    return trial.variant + "".join(f" {k.split('.')[-1]}={v}" for k, v in trial.grid.items())
+    return trial.variant + _settings(trial.grid)
+
+
+def _settings(values: dict[str, Any]) -> str:
+    """`` lr=0.001 dropout=0.5``: dotted keys shortened to their last part."""
+    return "".join(f" {k.split('.')[-1]}={v}" for k, v in values.items())
 
 
 def _write_results(
