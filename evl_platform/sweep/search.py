@@ -132,8 +132,10 @@ def run_search(
                 ],
             ),
         )
-        tuner.fit()
-        _close_stopped(tracker, ablation, parent, trial)
+        results = tuner.fit()
+        # trials that ended without an error: done, or stopped by ASHA
+        clean = {r.metrics.get("trial_id") for r in results if r.error is None and r.metrics}
+        _close_stopped(tracker, ablation, parent, trial, clean)
 
 
 def _parse(text: str | None) -> Any:
@@ -145,12 +147,21 @@ def _parse(text: str | None) -> Any:
         return text
 
 
-def _close_stopped(tracker: Tracker, ablation: Ablation, parent: _Parent, trial: Trial) -> None:
-    """Samples ASHA stopped are left RUNNING by their killed trainer: they finished early."""
+def _close_stopped(
+    tracker: Tracker, ablation: Ablation, parent: _Parent, trial: Trial, clean: set[str]
+) -> None:
+    """Closes the runs of samples ASHA stopped as FINISHED, tagged early_stopped.
+
+    ``clean`` holds the Tune trial ids that ended without an error. Stopping a sample kills
+    its trainer, which leaves its run RUNNING or, when the driver's ``train`` sees the trainer
+    die before the trial actor is killed, FAILED: either way Tune recorded no error.
+    """
     for run in tracker.children(ablation.spec.name, parent.run_id):
-        tags = run.data.tags
-        if run.info.status == "RUNNING" and tags.get(names.TAG_TRIAL, "").startswith(
-            f"{trial.key}/"
+        key = run.data.tags.get(names.TAG_TRIAL, "")
+        if (
+            run.info.status in ("RUNNING", "FAILED")
+            and key.startswith(f"{trial.key}/")
+            and key.rsplit("/", 1)[-1] in clean
         ):
             tracker.set_tags(run.info.run_id, {names.TAG_EARLY_STOPPED: "true"})
             tracker.terminate(run.info.run_id, "FINISHED")
