@@ -1,0 +1,1 @@
+"""The paper's tables and figures, written from MLflow runs (``evl-platform report``)."""
