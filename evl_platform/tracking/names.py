@@ -23,6 +23,11 @@ FEATURES_EXTRACTED_CLIPS = "features/extracted_clips"
 FEATURES_SECONDS = "features/extract_seconds"
 BACKBONE_FORWARD_IMAGES = "train/backbone_forward_images"
 
+# The model's size, logged once at step 0 when the run is created (paper conventions: new
+# params = decoder + temporal modules + head; GFLOPs = multiply-accumulates x test views).
+MODEL_NEW_PARAMS = "model/new_params"
+MODEL_GFLOPS = "model/gflops_per_video"
+
 STEP_METRICS = (TRAIN_LOSS, TRAIN_ACC1, TRAIN_LR, TRAIN_CLIPS_PER_S, DEVICE_HOURS, BAD_VIDEOS)
 EVAL_METRICS = (VAL_LOSS, VAL_ACC1, VAL_ACC5, VAL_MEAN_CLASS_ACC, VAL_CLIPS_PER_S)
 

@@ -243,6 +243,7 @@ def _open_run(
         "run.use_gpu": options.use_gpu,
     }
     tracker.log_params(run_id, params)
+    tracker.log_metrics(run_id, model_size_metrics(cfg), step=0)
     record = RunRecord(
         run_name=run_name,
         run_id=run_id,
@@ -253,6 +254,18 @@ def _open_run(
     )
     record.write(storage)
     return record
+
+
+def model_size_metrics(cfg: ExperimentConfig) -> dict[str, float]:
+    """New parameters and GFLOPs per video (all test views) of the run's model, from
+    :func:`~evl_platform.models.info.model_info` (built on the meta device: no weights)."""
+    from evl_platform.models.info import model_info
+
+    info = model_info(cfg)
+    return {
+        names.MODEL_NEW_PARAMS: float(info["new_params"]),
+        names.MODEL_GFLOPS: float(info["gflops_total"]),
+    }
 
 
 def train(cfg: ExperimentConfig, options: TrainOptions | None = None) -> TrainOutcome:
