@@ -14,6 +14,7 @@ from evl_platform.config import ConfigError, load_config
 from evl_platform.data.annotations import AnnotationError
 from evl_platform.data.errors import DataSourceError
 from evl_platform.ensemble import cli as ensemble_cli
+from evl_platform.report import cli as report_cli
 from evl_platform.sweep.spec import AblationError
 from evl_platform.train.errors import ResumeError
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(commands)
     _add_sweep_command(commands)
     ensemble_cli.add_parser(commands)
+    report_cli.add_parser(commands)
     _add_data_commands(commands)
     _add_bench_commands(commands)
     return parser

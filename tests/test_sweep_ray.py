@@ -158,6 +158,15 @@ def test_killed_sweep_is_finished_by_resume_with_one_run_per_trial(
     assert {names.ARTIFACT_ABLATION, names.ARTIFACT_RESULTS_CSV, names.ARTIFACT_RESULTS_MD} <= (
         artifacts
     )
+    # the report puts each trial in Table 8a's SSv2 column (rows the paper has not: appended)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["report", "--out", str(tmp_path / "report"), "--tracking-uri", uri]) == 0
+    table = pd.read_csv(tmp_path / "report" / "tables" / "table_8a.csv", dtype=str)
+    table = table.set_index("row")
+    for run in trials:
+        row = table.loc[run.data.tags[names.TAG_VARIANT]]
+        assert float(row["SSv2"]) == pytest.approx(run.data.metrics[names.VAL_ACC1], abs=1e-4)
+        assert row["SSv2_n"] == "1"
 
 
 def _score_file(path: Path, correct: np.ndarray) -> Path:

@@ -24,6 +24,7 @@ from evl_platform.cli import main
 from evl_platform.config import ExperimentConfig, flatten_config
 from evl_platform.data.source import read_splits
 from evl_platform.data.synth import SyntheticLayout, SynthParams, generate
+from evl_platform.models.info import model_info
 from evl_platform.tracking import names
 from evl_platform.train.launcher import TrainOptions, train
 
@@ -90,6 +91,9 @@ def test_two_workers_make_one_complete_run(tmp_path: Path, motion_small: Synthet
     for key in (names.VAL_ACC1, names.VAL_ACC5):
         assert _steps(tmp_path, run.info.run_id, key) == [6, 12], key
     assert run.data.metrics[names.DEVICE_HOURS] > 0
+    info = model_info(cfg)  # the model's size, for the report's params and GFLOPs columns
+    assert run.data.metrics[names.MODEL_NEW_PARAMS] == info["new_params"]
+    assert run.data.metrics[names.MODEL_GFLOPS] == pytest.approx(info["gflops_total"])
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
