@@ -15,7 +15,6 @@ from matplotlib.figure import Figure
 from evl_platform.report.paper import PaperTable
 
 PAPER_GREY = "#8a8a8a"
-MEASURED = "#1f6fb4"
 COLORS = ("#1f6fb4", "#d9641c", "#2b9a4a", "#b8322c", "#7d4fb0", "#8c5a3c", "#d45fb0", "#6c6c6c")
 
 

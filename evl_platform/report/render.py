@@ -7,9 +7,8 @@ import html
 import io
 import math
 
-from evl_platform.report.tables import NOT_RUN, ReportRow, ReportTable
+from evl_platform.report.tables import ACCURACY_COLUMNS, NOT_RUN, ReportRow, ReportTable
 
-ACCURACY_COLUMNS = ("K-400", "SSv2", "acc1", "acc1_a", "acc1_b", "acc1_ensemble", "gain", "alpha")
 TWO_DECIMALS = ("new_params_m", "latency_ms", "throughput_vps", "step_time_s")
 
 

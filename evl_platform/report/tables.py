@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from evl_platform.data.synth import SYNTHETIC_DATASETS
-from evl_platform.report.cells import ENSEMBLE_COLUMNS
 from evl_platform.report.paper import PaperColumn, PaperTable, paper_tables
 from evl_platform.sweep.results import Cell
 
 NOT_RUN = "not run"
+# Columns holding top-1 accuracies (%) or differences of them.
+ACCURACY_COLUMNS = ("K-400", "SSv2", "acc1", "acc1_a", "acc1_b", "acc1_ensemble", "gain", "alpha")
 # Columns measured here that the paper does not print (the ensemble's chosen α).
 EXTRA_COLUMNS = {"ensemble": (PaperColumn("alpha", "α chosen"),)}
 
@@ -98,11 +99,9 @@ class ReportTable:
 def build_tables(measured: pd.DataFrame) -> list[ReportTable]:
     """One table per paper table, in paper order, filled from ``measured``
     (:func:`~evl_platform.report.cells.measurements`)."""
-    return [_table(paper, measured[measured["table"] == paper.id]) for paper in _papers()]
-
-
-def _papers() -> list[PaperTable]:
-    return list(paper_tables().values())
+    return [
+        _table(paper, measured[measured["table"] == paper.id]) for paper in paper_tables().values()
+    ]
 
 
 def _table(paper: PaperTable, measured: pd.DataFrame) -> ReportTable:
@@ -130,7 +129,7 @@ def _table(paper: PaperTable, measured: pd.DataFrame) -> ReportTable:
     datasets = {
         column: sorted(set(group["dataset"].dropna()))
         for column, group in measured.groupby("column", sort=True)
-        if any(c.id == column for c in paper.columns) and _is_accuracy(paper, column)
+        if column in ACCURACY_COLUMNS and any(c.id == column for c in paper.columns)
     }
     return ReportTable(
         id=paper.id,
@@ -149,7 +148,3 @@ def _groups(measured: pd.DataFrame) -> list[tuple[tuple[str, str], pd.DataFrame]
     """Measured rows in first-run order; values within a group in run order."""
     measured = measured.sort_values(["order", "run_id"], kind="stable")
     return list(measured.groupby(["row", "label"], sort=False))
-
-
-def _is_accuracy(paper: PaperTable, column: str) -> bool:
-    return column in ("K-400", "SSv2") or column in ENSEMBLE_COLUMNS.values() and column != "alpha"
