@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evl_platform import __version__
+from evl_platform.cluster import SharedStorageError
 from evl_platform.config import ConfigError, load_config
 from evl_platform.data.annotations import AnnotationError
 from evl_platform.data.errors import DataSourceError
@@ -91,20 +92,23 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         "--address",
         metavar="ADDR",
         default=None,
-        help="Ray cluster to attach to, e.g. auto (default: $RAY_ADDRESS, else start Ray here)",
+        help="Ray cluster to attach to, e.g. auto or 10.0.0.5:6379 (default: $RAY_ADDRESS, "
+        "else start Ray here)",
     )
     parser.add_argument(
         "--tracking-uri",
         metavar="URI",
         default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the cluster head's "
+        "$MLFLOW_TRACKING_URI when attached to a cluster, else sqlite:///mlflow.db)",
     )
     parser.add_argument(
         "--storage-path",
         metavar="PATH",
         default=None,
-        help="checkpoint storage: a directory, or shared/cloud storage on a cluster "
-        "(default: $EVL_PLATFORM_STORAGE, else ./ray_results)",
+        help="checkpoint storage: a directory, or a bucket URI; on a cluster it must be "
+        "storage every node shares (default: $EVL_PLATFORM_STORAGE, else the cluster head's "
+        "when attached, else ./ray_results)",
     )
 
 
@@ -587,8 +591,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataSourceError as err:  # a data.* value: name the experiment file too
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
-    except (ConfigError, AnnotationError, ResumeError, AblationError) as err:
+    except (ConfigError, AnnotationError, ResumeError, AblationError, SharedStorageError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ConnectionError as err:  # --address / $RAY_ADDRESS names no reachable cluster
+        print(f"error: cannot connect: {err}", file=sys.stderr)
         return 2
 
 

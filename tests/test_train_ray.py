@@ -7,6 +7,7 @@ also across a worker failure, a killed driver (``--resume``) and frozen-feature 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from evl_platform.data.source import read_splits
 from evl_platform.data.synth import SyntheticLayout, SynthParams, generate
 from evl_platform.models.info import model_info
 from evl_platform.tracking import names
-from evl_platform.train.launcher import TrainOptions, train
+from evl_platform.train.launcher import RUN_RECORD, TrainOptions, train
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -171,6 +172,29 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path, motion_small: Synthet
     [resumed] = _runs(tmp_path)
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     assert _steps(tmp_path, run.info.run_id, names.TRAIN_LOSS) == list(range(4, 41, 4))
+
+
+def test_resume_finds_the_run_in_a_storage_uri(
+    tmp_path: Path, motion_small: SyntheticLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run records are read through the same filesystem layer as a bucket (s3://, gs://):
+    a ``file://`` URI stands in for one here."""
+    cfg = _config(tmp_path, motion_small, reuse=True, num_steps=4, log_every=2)
+    options = dataclasses.replace(_options(tmp_path), storage_path=(tmp_path / "storage").as_uri())
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    first = train(cfg, options)
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_steps": 8})})
+    resumed = train(longer, dataclasses.replace(options, resume="latest"))
+
+    assert resumed.run_id == first.run_id and resumed.run_name == first.run_name
+    [run] = _runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resumed_with.train.num_steps"] == "8"
+    assert _steps(tmp_path, run.info.run_id, names.TRAIN_LOSS) == [2, 4, 6, 8]
+    records = list((tmp_path / "storage").glob(f"*/{RUN_RECORD}"))
+    assert [p.parent.name for p in records] == [first.run_name]
+    assert not (tmp_path / "cwd" / names.ARTIFACT_CONFIG).exists()  # only logged to MLflow
 
 
 def test_resume_with_another_architecture_is_refused(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from evl_platform.report.build import DEFAULT_FORMATS, FORMATS, ReportOptions, write_report
@@ -40,7 +41,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--tracking-uri",
         metavar="URI",
         default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the tracking server of "
+        "the cluster named by --address, else sqlite:///mlflow.db)",
+    )
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        default=None,
+        help="Ray cluster whose tracking server to read when no tracking URI is given, e.g. "
+        "auto on the head node (default: $RAY_ADDRESS): the head's $MLFLOW_TRACKING_URI",
     )
     parser.add_argument(
         "--experiment",
@@ -79,13 +88,26 @@ def _formats(text: str) -> tuple[str, ...]:
     return chosen
 
 
+def _cluster_tracking_uri(address: str) -> str | None:
+    """The tracking URI the cluster's head node was started with (None: it has none)."""
+    from evl_platform.train.launcher import ray_session, use_cluster_defaults
+
+    with ray_session(address, log_to_driver=False) as attached:
+        use_cluster_defaults(attached)
+    return os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def run(args: argparse.Namespace) -> int:
     """Writes the report and prints what it holds; 1 when no run could be reported."""
     from mlflow.exceptions import MlflowException
 
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not tracking_uri and address:
+        tracking_uri = _cluster_tracking_uri(address)
     options = ReportOptions(
         out=args.out,
-        tracking_uri=args.tracking_uri,
+        tracking_uri=tracking_uri,
         experiments=args.experiments,
         profile=args.profile,
         formats=args.formats,

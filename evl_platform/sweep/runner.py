@@ -28,6 +28,7 @@ from typing import Any
 from mlflow.entities import Run
 from ray.tune import Callback
 
+from evl_platform.cluster import check_shared
 from evl_platform.sweep.results import ResultsTable
 from evl_platform.sweep.spec import (
     Ablation,
@@ -41,10 +42,12 @@ from evl_platform.tracking import names
 from evl_platform.tracking.client import Tracker, git_commit
 from evl_platform.train.errors import ResumeError
 from evl_platform.train.launcher import (
-    RUN_RECORD,
+    RunRecord,
     TrainOptions,
     ray_session,
     resolve_storage,
+    shared_locations,
+    use_cluster_defaults,
 )
 
 # The sweep prints its own progress lines; Tune's legacy reporter is silent at verbose=0,
@@ -206,6 +209,7 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
         run_name=config.get("run_name") or f"{sweep['run_name']}-{trial.slug}",
         parent_run_id=sweep["parent_run_id"],
         tags=tags,
+        check_storage=False,  # the driver checked once for the whole sweep
         callbacks=[
             MetricReportCallback(config["report_metric"])
             if config.get("report_metric")
@@ -230,59 +234,89 @@ def run_sweep(path: str | Path, options: SweepOptions | None = None) -> SweepOut
     began = time.monotonic()
     ablation, trials = plan(path, options)
     spec = ablation.spec
-    tracker = Tracker(options.tracking_uri)
-    storage = resolve_storage(options.storage_path)
-    experiment = spec.name
-    parent = _open_parent(tracker, ablation, trials, options, experiment)
-    print(
-        f"sweep {parent.name}: {len(trials)} trials of {ablation.path} (profile "
-        f"{ablation.profile}); MLflow parent run {parent.run_id} in experiment "
-        f"{experiment!r} ({tracker.uri})",
-        flush=True,
-    )
-    status = "FAILED"
-    try:
-        with ray_session(options.address, log_to_driver=False):
-            done, todo = _triage(tracker, experiment, parent, trials, storage)
-            if done:
-                print(f"resuming: {len(done)} trials already finished, {len(todo)} to run")
-            trained = [t for t in todo if t.trial.scores is None]
-            _prepare_features(ablation, [t.trial for t in trained], options)
-            if spec.search is not None:
-                from evl_platform.sweep.search import run_search
-
-                run_search(ablation, trials, tracker, parent, storage, options, _context)
-            elif trained:
-                _run_tune(ablation, trained, parent, storage, options, len(done))
-        runs = _trial_runs(tracker, experiment, parent.run_id)
-        table = _table(ablation, trials, runs)
-        ensembles = None
-        if spec.ensemble is not None:
-            from evl_platform.sweep.ensembles import run_ensembles
-
-            ensembles = run_ensembles(ablation, trials, tracker, parent, runs)
-        results_dir = _write_results(ablation, parent, storage, table, ensembles, tracker)
-        failed = [t.key for t in trials if t.scores is None and _status(runs, t.key) != _FINAL]
-        if spec.search is not None:
-            failed = []
-        status = "FAILED" if failed else _FINAL
-        outcome = SweepOutcome(
-            parent_run_id=parent.run_id,
-            run_name=parent.name,
-            experiment=experiment,
-            table=table,
-            ensembles=ensembles,
-            results_dir=results_dir,
-            trial_runs={k: r.info.run_id for k, r in runs.items()},
-            failed=failed,
-            seconds=time.monotonic() - began,
+    with ray_session(options.address, log_to_driver=False) as attached:
+        use_cluster_defaults(attached)
+        tracker = Tracker(options.tracking_uri)
+        storage = resolve_storage(options.storage_path)
+        _check_storage(ablation, trials, options, storage, tracker.uri)
+        experiment = spec.name
+        parent = _open_parent(tracker, ablation, trials, options, experiment)
+        print(
+            f"sweep {parent.name}: {len(trials)} trials of {ablation.path} (profile "
+            f"{ablation.profile}); MLflow parent run {parent.run_id} in experiment "
+            f"{experiment!r} ({tracker.uri})",
+            flush=True,
         )
-        return outcome
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.terminate(parent.run_id, status)
+        status = "FAILED"
+        try:
+            outcome = _run_trials(ablation, trials, tracker, parent, storage, options)
+            outcome.seconds = time.monotonic() - began
+            status = "FAILED" if outcome.failed else _FINAL
+            return outcome
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            tracker.terminate(parent.run_id, status)
+
+
+def _check_storage(
+    ablation: Ablation, trials: Sequence[Trial], options: SweepOptions, storage: str, uri: str
+) -> None:
+    """Refuses node-local storage on a cluster once, for every trial (see check_shared)."""
+    locations: dict[str, str] = {}
+    for trial in trials:
+        if trial.scores is None:
+            locations |= shared_locations(
+                trial.load(ablation.profile, options.overrides), storage, uri
+            )
+    check_shared(locations)
+
+
+def _run_trials(
+    ablation: Ablation,
+    trials: Sequence[Trial],
+    tracker: Tracker,
+    parent: _Parent,
+    storage: str,
+    options: SweepOptions,
+) -> SweepOutcome:
+    """Runs what is left of the sweep and writes its results (inside the Ray session)."""
+    spec = ablation.spec
+    experiment = spec.name
+    done, todo = _triage(tracker, experiment, parent, trials, storage)
+    if done:
+        print(f"resuming: {len(done)} trials already finished, {len(todo)} to run")
+    trained = [t for t in todo if t.trial.scores is None]
+    _prepare_features(ablation, [t.trial for t in trained], options)
+    if spec.search is not None:
+        from evl_platform.sweep.search import run_search
+
+        run_search(ablation, trials, tracker, parent, storage, options, _context)
+    elif trained:
+        _run_tune(ablation, trained, parent, storage, options, len(done))
+    runs = _trial_runs(tracker, experiment, parent.run_id)
+    table = _table(ablation, trials, runs)
+    ensembles = None
+    if spec.ensemble is not None:
+        from evl_platform.sweep.ensembles import run_ensembles
+
+        ensembles = run_ensembles(ablation, trials, tracker, parent, runs)
+    results_dir = _write_results(ablation, parent, storage, table, ensembles, tracker)
+    failed = [t.key for t in trials if t.scores is None and _status(runs, t.key) != _FINAL]
+    if spec.search is not None:
+        failed = []
+    return SweepOutcome(
+        parent_run_id=parent.run_id,
+        run_name=parent.name,
+        experiment=experiment,
+        table=table,
+        ensembles=ensembles,
+        results_dir=results_dir,
+        trial_runs={k: r.info.run_id for k, r in runs.items()},
+        failed=failed,
+        seconds=0.0,
+    )
 
 
 @dataclass
@@ -401,8 +435,7 @@ def _triage(
             todo.append(_Todo(trial))
             continue
         ray_run = run.data.tags.get(names.TAG_RAY_RUN, "")
-        local = None if "://" in storage else Path(storage) / ray_run / RUN_RECORD
-        if ray_run and (local is None or local.exists()):
+        if ray_run and RunRecord.read(storage, ray_run) is not None:
             todo.append(_Todo(trial, resume_run=ray_run, run_name=ray_run))
         else:  # killed before its run record existed: nothing to continue
             tracker.delete(run.info.run_id)

@@ -14,6 +14,7 @@ import datetime
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from evl_platform.cluster import check_shared
 from evl_platform.config import ExperimentConfig, dump_config, flatten_config
 from evl_platform.tracking import Tracker, git_commit, names
 from evl_platform.train.errors import ResumeError
@@ -51,6 +53,8 @@ class TrainOptions:
         callbacks: extra Ray Train callbacks (e.g. Tune's report callback).
         fail_at_step / fail_marker: make the last worker raise once at this step (testing the
             automatic restart); the marker file records that it happened.
+        check_storage: on a cluster, refuse storage that not every node shares (see
+            :func:`evl_platform.cluster.check_shared`); a sweep checks once for all trials.
     """
 
     num_workers: int = 1
@@ -67,6 +71,7 @@ class TrainOptions:
     callbacks: Sequence[Any] = ()
     fail_at_step: int | None = None
     fail_marker: str | None = None
+    check_storage: bool = True
 
 
 @dataclass
@@ -98,6 +103,8 @@ def ray_init_options(num_cpus: int | None = None) -> dict[str, Any]:
     trainer killed mid-run (a trial stopped by ASHA) are never given back.
     """
     return {
+        # A new instance even when `ray start` runs on this machine: attaching is --address's.
+        "address": "local",
         "num_cpus": num_cpus,
         "include_dashboard": True,
         "runtime_env": {
@@ -113,26 +120,48 @@ def ray_init_options(num_cpus: int | None = None) -> dict[str, Any]:
     }
 
 
+def cluster_runtime_env() -> dict[str, Any]:
+    """The job-level runtime environment of a driver attached to a cluster: quiet workers,
+    and the driver's own feature/stand-in cache location when it sets one (workers otherwise
+    use their node's ``$EVL_PLATFORM_CACHE``, which cluster.yaml sets on every node)."""
+    cache = os.environ.get("EVL_PLATFORM_CACHE")
+    return {
+        "worker_process_setup_hook": f"{__name__}.quiet_ray_workers",
+        "env_vars": {"EVL_PLATFORM_CACHE": cache} if cache else {},
+    }
+
+
 @contextlib.contextmanager
-def ray_session(address: str | None = None, *, log_to_driver: bool = True) -> Iterator[None]:
+def ray_session(address: str | None = None, *, log_to_driver: bool = True) -> Iterator[bool]:
     """Uses the current Ray connection, attaches to ``address`` (or ``$RAY_ADDRESS``), or
     starts a local instance; what this call started or attached is shut down at the end.
     ``log_to_driver=False`` keeps the workers' output off this console (a sweep prints its
-    own progress)."""
+    own progress). Yields whether this call attached to an existing cluster."""
     import ray
 
     if ray.is_initialized():
-        yield
+        yield False
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=cluster_runtime_env())
     else:
         ray.init(**ray_init_options(), log_to_driver=log_to_driver)
     try:
-        yield
+        yield bool(address)
     finally:
         ray.shutdown()
+
+
+def use_cluster_defaults(attached: bool) -> None:
+    """On a cluster just attached to, takes the head node's tracking URI, storage and cache
+    for whatever this driver's environment does not set (see :mod:`evl_platform.cluster`)."""
+    if not attached:
+        return
+    from evl_platform.cluster import adopt_head_environment
+
+    for key, value in sorted(adopt_head_environment().items()):
+        print(f"using the cluster's {key}={value} (from the head node)", flush=True)
 
 
 def resolve_storage(path: str | None) -> str:
@@ -159,32 +188,46 @@ class RunRecord:
     created: str
 
     def write(self, storage: str) -> None:
-        directory = _local(storage)
-        if directory is None:
-            return
-        (directory / self.run_name).mkdir(parents=True, exist_ok=True)
-        (directory / self.run_name / RUN_RECORD).write_text(json.dumps(self.__dict__, indent=2))
+        files, base = storage_files(storage)
+        files.create_dir(f"{base}/{self.run_name}", recursive=True)
+        with files.open_output_stream(f"{base}/{self.run_name}/{RUN_RECORD}") as out:
+            out.write(json.dumps(self.__dict__, indent=2).encode())
 
     @staticmethod
-    def read(path: Path) -> RunRecord:
-        return RunRecord(**json.loads(path.read_text()))
+    def read(storage: str, run_name: str) -> RunRecord | None:
+        """The record of ``run_name`` under ``storage``; ``None`` when it has none."""
+        files, base = storage_files(storage)
+        try:
+            with files.open_input_stream(f"{base}/{run_name}/{RUN_RECORD}") as record:
+                return RunRecord(**json.loads(record.read()))
+        except FileNotFoundError:
+            return None
+
+
+def storage_files(storage: str) -> tuple[Any, str]:
+    """The pyarrow filesystem and base path of a storage location: a local directory or a
+    bucket URI (``s3://``, ``gs://``...), the same filesystems Ray Train writes with."""
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(storage)
 
 
 def find_run(storage: str, cfg: ExperimentConfig, which: str) -> RunRecord:
     """The run ``--resume`` continues: a named run, or the newest run of this experiment."""
-    directory = _local(storage)
-    if directory is None:
-        raise ResumeError(f"--resume needs a local storage path to find runs, got {storage}")
     if which != "latest":
-        path = directory / which / RUN_RECORD
-        if not path.exists():
-            raise ResumeError(f"--resume {which}: no run record at {path}")
-        return RunRecord.read(path)
-    records = [RunRecord.read(p) for p in directory.glob(f"*/{RUN_RECORD}")]
-    mine = sorted((r for r in records if r.experiment == cfg.name), key=lambda r: r.created)
+        record = RunRecord.read(storage, which)
+        if record is None:
+            raise ResumeError(f"--resume {which}: no run record at {storage}/{which}/{RUN_RECORD}")
+        return record
+    import pyarrow.fs
+
+    files, base = storage_files(storage)
+    listed = files.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+    records = [RunRecord.read(storage, i.base_name) for i in listed if i.type.name == "Directory"]
+    mine = sorted((r for r in records if r and r.experiment == cfg.name), key=lambda r: r.created)
     if not mine:
         raise ResumeError(
-            f"--resume: no earlier run of experiment {cfg.name!r} under {directory}; "
+            f"--resume: no earlier run of experiment {cfg.name!r} under {storage}; "
             "start it without --resume"
         )
     return mine[-1]
@@ -278,38 +321,57 @@ def train(cfg: ExperimentConfig, options: TrainOptions | None = None) -> TrainOu
     from evl_platform.data.source import read_splits
 
     options = options or TrainOptions()
-    read_splits(cfg.data)  # generate a stand-in / fail on bad annotations before any Ray work
-    storage = resolve_storage(options.storage_path)
-    tracker = Tracker(options.tracking_uri)
-    record = _open_run(cfg, options, tracker, storage)
-    print(
-        f"MLflow run {record.run_id} (experiment {record.mlflow_experiment!r}, "
-        f"{tracker.uri}); checkpoints in {storage}/{record.run_name}",
-        flush=True,
-    )
-    status = "FAILED"
-    try:
-        tracker.log_artifact(record.run_id, _config_file(cfg, storage, record))
-        with ray_session(options.address):
+    early = not (options.address or os.environ.get("RAY_ADDRESS"))
+    if early:
+        read_splits(cfg.data)  # generate a stand-in / fail on bad annotations before Ray starts
+    with ray_session(options.address) as attached:
+        use_cluster_defaults(attached)
+        if not early:
+            read_splits(cfg.data)  # into the cluster's cache, now that it is known
+        storage = resolve_storage(options.storage_path)
+        tracker = Tracker(options.tracking_uri)
+        if options.check_storage:
+            check_shared(shared_locations(cfg, storage, tracker.uri))
+        record = _open_run(cfg, options, tracker, storage)
+        print(
+            f"MLflow run {record.run_id} (experiment {record.mlflow_experiment!r}, "
+            f"{tracker.uri}); checkpoints in {storage}/{record.run_name}",
+            flush=True,
+        )
+        status = "FAILED"
+        try:
+            _log_config(tracker, cfg, storage, record)
             _prepare_features(cfg, options, tracker, record.run_id)
             result = _fit(cfg, options, tracker, record, storage)
-        outcome = _finish(result, record, storage, tracker)
-        status = "FINISHED"
-        return outcome
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.terminate(record.run_id, status)
+            outcome = _finish(result, record, storage, tracker)
+            status = "FINISHED"
+            return outcome
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            tracker.terminate(record.run_id, status)
 
 
-def _config_file(cfg: ExperimentConfig, storage: str, record: RunRecord) -> Path:
+def shared_locations(cfg: ExperimentConfig, storage: str, tracking_uri: str) -> dict[str, str]:
+    """Where every node of a cluster writes, named as the user sets each one."""
+    locations = {"--storage-path": storage, "the MLflow store (--tracking-uri)": tracking_uri}
+    if cfg.features.reuse:
+        from evl_platform.features.store import features_root
+
+        locations["the feature cache (features.cache_dir)"] = str(features_root(cfg))
+    return locations
+
+
+def _log_config(tracker: Tracker, cfg: ExperimentConfig, storage: str, record: RunRecord) -> None:
+    """Logs the resolved config, kept next to the checkpoints when the storage is local."""
     directory = _local(storage)
-    base = directory / record.run_name if directory else Path.cwd()
-    base.mkdir(parents=True, exist_ok=True)
-    path = base / names.ARTIFACT_CONFIG
-    path.write_text(dump_config(cfg))
-    return path
+    with tempfile.TemporaryDirectory() as scratch:
+        base = directory / record.run_name if directory else Path(scratch)
+        base.mkdir(parents=True, exist_ok=True)
+        path = base / names.ARTIFACT_CONFIG
+        path.write_text(dump_config(cfg))
+        tracker.log_artifact(record.run_id, path)
 
 
 def _prepare_features(

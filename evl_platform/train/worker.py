@@ -143,6 +143,8 @@ def train_loop_per_worker(config: dict) -> None:
                 scheduler=scheduler,
                 scaler=scaler,
             )
+        if rank == 0:
+            print(f"[{cfg.name}] restored step {state.step} from {checkpoint.path}", flush=True)
     per_rank = cfg.train.batch_size // world
     source, video_ids, class_names = create_source(
         cfg, rank=rank, world=world, batch=per_rank, device=device
