@@ -52,6 +52,8 @@ NETWORK_FILESYSTEMS = frozenset(
 """Filesystem types (as in /proc/mounts) that several machines can mount at once."""
 
 PROBE_TIMEOUT_S = 60.0
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+"""Where ``ray up`` puts the cluster config on the head node (the autoscaler reads it)."""
 
 
 class SharedStorageError(RuntimeError):
@@ -84,16 +86,50 @@ def alive_nodes() -> list[ClusterNode]:
 
 
 def can_add_nodes() -> bool:
-    """Whether the cluster's autoscaler can start nodes that are not up yet (``ray up``)."""
+    """Whether the cluster's autoscaler can start nodes that are not up yet.
+
+    Two sources: the cluster config the autoscaler (v2, KubeRay) reports to the GCS, which
+    Ray Train reads for the same question, and the cluster launcher's config on the head node
+    (``~/ray_bootstrap_config.yaml``, written by ``ray up``; Ray Tune's test of "a launched
+    cluster"), whose worker node types say how many workers may join.
+    """
+    import ray
+
     try:
         from ray._private.state import state
 
-        config = state.get_cluster_config()  # what Ray Train reads for the same question
-    except Exception:  # no autoscaler state (a cluster made with `ray start` by hand)
-        return False
-    if config is None:
-        return False
-    return any(group.max_count != 0 for group in config.node_group_configs)
+        config = state.get_cluster_config()
+    except Exception:  # no autoscaler state reported (a cluster made with `ray start`)
+        config = None
+    if config is not None and any(g.max_count != 0 for g in config.node_group_configs):
+        return True
+
+    head = [n.node_id for n in alive_nodes() if n.is_head]
+    if head == [ray.get_runtime_context().get_node_id()]:  # this process runs on the head
+        return _launcher_max_workers(Path(BOOTSTRAP_CONFIG).expanduser()) > 0
+
+    @ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})
+    def launcher_allows_workers() -> bool:
+        return _launcher_max_workers(Path(BOOTSTRAP_CONFIG).expanduser()) > 0
+
+    return ray.get(launcher_allows_workers.remote(), timeout=PROBE_TIMEOUT_S)
+
+
+def _launcher_max_workers(path: Path) -> int:
+    """Workers a cluster-launcher config lets the autoscaler start (0: none, or no file)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return 0
+    # The head's type counts too: the local provider uses one type for the head and workers.
+    types = config.get("available_node_types") or {}
+    per_type = sum(int(spec.get("max_workers") or 0) for spec in types.values())
+    total = config.get("max_workers")
+    if not types:  # an old-style config: only the top-level count
+        return int(total or 0)
+    return per_type if total is None else min(per_type, int(total))
 
 
 def head_environment() -> dict[str, str]:

@@ -26,11 +26,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import layout_data, write_config
 from mlflow.tracking import MlflowClient
 
 from evl_platform.cli import main
-from evl_platform.cluster import NETWORK_FILESYSTEMS, check_shared, filesystem_type, local_path
+from evl_platform.cluster import (
+    NETWORK_FILESYSTEMS,
+    _launcher_max_workers,
+    check_shared,
+    filesystem_type,
+    local_path,
+)
 from evl_platform.data.synth import SyntheticLayout
 from evl_platform.tracking import names
 
@@ -176,12 +183,14 @@ class LoopbackCluster:
                 current.unlink()
         return survivors
 
-    def evl(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def evl(
+        self, *args: str, timeout: float = 300, on_head: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         """Runs ``evl-platform ARGS`` as a driver on this machine (not in the test process,
-        which is connected to the tests' own local Ray)."""
+        which is connected to the tests' own local Ray); ``on_head``: with the head's home."""
         return subprocess.run(
             [sys.executable, "-m", "evl_platform.cli", *args],
-            env=self.env,
+            env=self.env | ({"HOME": self.head_env["HOME"]} if on_head else {}),
             cwd=self.root,
             capture_output=True,
             text=True,
@@ -231,8 +240,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackCluste
     head_env = {
         "MLFLOW_TRACKING_URI": f"sqlite:///{root}/shared/mlflow.db",
         "EVL_PLATFORM_STORAGE": str(root / "shared" / "storage"),
+        "HOME": str(root / "head-home"),  # where `ray up` would put its launcher config
     }
     (root / "shared").mkdir()
+    (root / "head-home").mkdir()
     loopback = LoopbackCluster(root, head_env)
     try:
         loopback.start_node("head", head=True)
@@ -280,6 +291,26 @@ def test_a_node_local_storage_path_is_refused_on_a_cluster(
     client = MlflowClient(cluster.head_env["MLFLOW_TRACKING_URI"])
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
     assert not list((cluster.root / "node-local").glob(".evl-shared-probe-*"))
+
+
+def test_a_local_path_is_refused_where_the_autoscaler_can_add_nodes(
+    cluster: LoopbackCluster, motion_small: SyntheticLayout
+) -> None:
+    """Both nodes see ``shared/``, but a node the autoscaler starts later would not: with the
+    launcher's config on the head (as `ray up` leaves it), only a network filesystem does."""
+    config = _experiment(cluster.root, motion_small)
+    bootstrap = Path(cluster.head_env["HOME"]) / "ray_bootstrap_config.yaml"
+    bootstrap.write_text((Path(__file__).parents[1] / "cluster.yaml").read_text())
+    storage = cluster.root / "shared" / "elsewhere"
+    try:
+        args = ("train", str(config), f"--address={cluster.address}", f"--storage-path={storage}")
+        done = cluster.evl(*args, on_head=True)
+    finally:
+        bootstrap.unlink()
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith(f"error: --storage-path {storage} is on a node-local filesystem (")
+    assert "autoscaler can add nodes" in line
 
 
 def test_training_finishes_from_a_checkpoint_after_losing_a_node(
@@ -425,3 +456,20 @@ def test_the_filesystem_type_comes_from_the_longest_mount_point(tmp_path: Path) 
 def test_one_local_node_accepts_any_local_path(tmp_path: Path) -> None:
     check_shared({"--storage-path": str(tmp_path / "storage")})
     assert not (tmp_path / "storage").exists()  # nothing probed on a single machine
+
+
+@pytest.mark.parametrize(("name", "workers"), [("cluster.yaml", 8), ("cluster.local.yaml", 2)])
+def test_the_launcher_config_on_the_head_says_how_many_workers_may_join(
+    tmp_path: Path, name: str, workers: int
+) -> None:
+    """``ray up`` leaves its prepared config on the head; the local provider lists its
+    machines instead of node types, and Ray's preparation turns them into one."""
+    from ray.autoscaler._private.util import prepare_config
+
+    config = yaml.safe_load((Path(__file__).parents[1] / name).read_text())
+    if config["provider"]["type"] == "local":
+        config = prepare_config(config)
+        assert len(config["provider"]["worker_ips"]) == workers
+    (tmp_path / "bootstrap.yaml").write_text(yaml.safe_dump(config))
+    assert _launcher_max_workers(tmp_path / "bootstrap.yaml") == workers
+    assert _launcher_max_workers(tmp_path / "missing.yaml") == 0
