@@ -519,7 +519,10 @@ def _run_tune(
         # non-empty request, so a token amount of memory).
         tune.with_resources(run_trial_entry, {"memory": _TRIAL_ACTOR_MEMORY}),
         param_space={"entry": tune.grid_search(configs)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=False),
+        # A finished trial's actor runs the next one: its process, imports and MLflow store
+        # carry over (each trial's TorchTrainer has ended, unlike an early-stopped search
+        # sample's, see search.py).
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
             name=f"tune-{parent.name}",
             storage_path=storage,
