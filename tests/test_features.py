@@ -26,7 +26,7 @@ from evl_platform.features import (
     split_entries,
     view_data,
 )
-from evl_platform.models import BlockFeatures, create_model
+from evl_platform.models import BlockFeatures, adjacent_attention, create_model
 
 NO_AUGMENT = {"random_resized_crop": None, "rand_augment": None, "horizontal_flip": False}
 VIEWS = 2  # cached views per video in both splits
@@ -82,11 +82,12 @@ def _assert_features_close(got: list, want: list, *, qk: bool) -> None:
     for g, w in zip(got, want, strict=True):
         assert g.out.dtype == torch.float32 and g.out.shape == w.out.shape
         torch.testing.assert_close(g.out, w.out, **FP16)
-        if qk:
-            torch.testing.assert_close(g.q, w.q, **FP16)
-            torch.testing.assert_close(g.k, w.k, **FP16)
+        assert g.q is None and g.k is None  # the cache holds T-CA's maps, not q and k
+        if qk:  # the maps T-CA computes from the backbone's q and k
+            assert g.attn.dtype == torch.float32
+            torch.testing.assert_close(g.attn, adjacent_attention(w.q, w.k), **FP16)
         else:
-            assert g.q is None and g.k is None
+            assert g.attn is None
 
 
 def test_cache_equals_backbone_and_is_reused(
@@ -101,15 +102,15 @@ def test_cache_equals_backbone_and_is_reused(
     first = prepare_features(plain, progress=False)
     assert (first.extracted_clips, first.written_entries, first.reused_entries) == (clips, 8, 0)
     assert first.bad_videos == {}
-    second = prepare_features(tca, progress=False)  # T-CA keeps "out", adds q and k
+    second = prepare_features(tca, progress=False)  # T-CA keeps "out", adds its maps
     assert (second.extracted_clips, second.written_entries, second.reused_entries) == (
         clips,
-        16,
+        8,
         8,
     )
     before = _snapshot(tmp_path / "features")
     third = prepare_features(tca, progress=False)
-    assert (third.extracted_clips, third.written_entries, third.reused_entries) == (0, 0, 24)
+    assert (third.extracted_clips, third.written_entries, third.reused_entries) == (0, 0, 16)
     assert _snapshot(tmp_path / "features") == before
 
     model = create_model(tca).eval()

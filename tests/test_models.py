@@ -22,6 +22,7 @@ from evl_platform.models import (
     BACKBONES,
     FEATURE_SHAPES,
     TemporalCrossAttention,
+    adjacent_attention,
     backbone_spec,
     create_backbone,
     create_model,
@@ -217,6 +218,31 @@ def test_temporal_cross_attention_matches_the_paper_equations() -> None:
     q, k = _random_qk(grid)
     expected = _reference_tca(q, k, tca.w_prev.detach(), tca.w_next.detach(), grid)
     assert torch.allclose(tca(q, k), expected, atol=1e-5)
+
+
+def test_temporal_cross_attention_from_cached_maps_equals_from_q_and_k() -> None:
+    """The feature cache stores adjacent_attention(q, k); forward_maps on it is T-CA itself,
+    output and table gradients alike."""
+    grid = (2, 3)
+    tca = TemporalCrossAttention(grid=grid, width=5)
+    with torch.no_grad():
+        tca.w_prev.normal_()
+        tca.w_next.normal_()
+    q, k = _random_qk(grid)
+    maps = adjacent_attention(q, k)
+    assert maps.shape == (2, 2, 3, 6, 6)  # (N, prev/next, T-1, P, P)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 2, 3, 6))  # softmax over keys
+
+    direct = tca(q, k)
+    (direct * torch.arange(5.0)).sum().backward()
+    grads = [tca.w_prev.grad.clone(), tca.w_next.grad.clone()]
+    tca.zero_grad()
+    cached = tca.forward_maps(maps)
+    (cached * torch.arange(5.0)).sum().backward()
+    torch.testing.assert_close(cached, direct)
+    torch.testing.assert_close([tca.w_prev.grad, tca.w_next.grad], grads)
+    with pytest.raises(ValueError, match="expected 6 patch tokens"):
+        tca.forward_maps(maps[..., :4, :4])
 
 
 def test_temporal_cross_attention_edges_cls_and_zero_init() -> None:

@@ -36,9 +36,10 @@ class FeatureBatch:
 
     Attributes:
         features: one float32 :class:`BlockFeatures` per decoder layer (``model.feature_layers``
-            order, repeats allowed). Train: ``out`` (N, T, L, C), ``q``/``k`` (N, T, L, H, D);
-            val: every view, ``out`` (N, V, T, L, C), ``q``/``k`` (N, V, T, L, H, D). ``q`` and
-            ``k`` are ``None`` unless T-CA is on.
+            order, repeats allowed). Train: ``out`` (N, T, L, C), ``attn`` (N, 2, T-1, P, P);
+            val: every view, ``out`` (N, V, T, L, C), ``attn`` (N, V, 2, T-1, P, P). ``attn``
+            (T-CA's maps between adjacent frames) is ``None`` unless T-CA is on; ``q`` and
+            ``k`` are always ``None``.
         labels: (N,) labels of the delivered videos.
         indices: (N,) dataset positions of the delivered videos (a replacement's position when
             the requested video was unusable).
@@ -145,8 +146,7 @@ class FeatureDataset:
             return read.get((layer, kind))
 
         features = [
-            BlockFeatures(tensor(layer, "out"), tensor(layer, "q"), tensor(layer, "k"))
-            for layer in self.layers
+            BlockFeatures(tensor(layer, "out"), attn=tensor(layer, "attn")) for layer in self.layers
         ]
         return FeatureBatch(
             features=features,
@@ -161,7 +161,7 @@ class FeatureDataset:
     def _read_train(
         self, indices: np.ndarray, views: np.ndarray, layer: int, kind: str
     ) -> torch.Tensor:
-        """One view per item: (N, T, L, C) or (N, T, L, H, D)."""
+        """One view per item: (N, T, L, C) or, for ``attn``, (N, 2, T-1, P, P)."""
         shape = self.entries[(0, layer, kind)].shape[1:]
         out = np.empty((len(indices), *shape), dtype=np.float32)
         for view in np.unique(views):
@@ -170,7 +170,7 @@ class FeatureDataset:
         return torch.from_numpy(out)
 
     def _read_val(self, indices: np.ndarray, layer: int, kind: str) -> torch.Tensor:
-        """Every view of each item: (N, V, T, L, C) or (N, V, T, L, H, D)."""
+        """Every view of each item: (N, V, T, L, C) or, for ``attn``, (N, V, 2, T-1, P, P)."""
         shape = self.entries[(0, layer, kind)].shape[1:]
         out = np.empty((len(indices), self.num_views, *shape), dtype=np.float32)
         rows = np.arange(len(indices))

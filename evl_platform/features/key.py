@@ -1,10 +1,11 @@
 """Content-addressed keys of cached backbone features.
 
-One cache entry holds one tensor kind (``out``, ``q`` or ``k``) of one backbone block for one
-view of every video of a split. Its key is the sha256 of a readable dict of everything that
-changes those numbers: the dataset files, the backbone and its weights, the clip sampling and
-decoding, the view set and view index, the block, the kind and the storage dtype. Variants that
-read other blocks or toggle T-CA therefore share the entries they have in common.
+One cache entry holds one tensor kind (``out``, or ``attn``: T-CA's attention maps between
+adjacent frames) of one backbone block for one view of every video of a split. Its key is the
+sha256 of a readable dict of everything that changes those numbers: the dataset files, the
+backbone and its weights, the clip sampling and decoding, the view set and view index, the
+block, the kind and the storage dtype. Variants that read other blocks or toggle T-CA
+therefore share the entries they have in common.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from evl_platform.models.evl import resolve_feature_layers
 FORMAT_VERSION = 1
 """Bump whenever what is stored for a key, or how, changes."""
 
-TensorKind = Literal["out", "q", "k"]
+TensorKind = Literal["out", "attn"]
 SPLITS: tuple[Split, ...] = ("train", "val")
 
 
@@ -39,7 +40,8 @@ class EntryRef:
         split: ``train`` or ``val``.
         view: view index in the split's view set (temporal-major).
         layer: non-negative backbone block index.
-        kind: ``out`` (block output), ``q`` or ``k`` (attention queries / keys).
+        kind: ``out`` (block output) or ``attn`` (T-CA's maps between adjacent frames,
+            :func:`~evl_platform.models.temporal.adjacent_attention`).
         key: sha256 hex digest of :attr:`inputs`.
         inputs: the readable key inputs (saved in the entry's ``meta.json``).
     """
@@ -72,8 +74,8 @@ def decoder_layers(cfg: ExperimentConfig) -> tuple[int, ...]:
 
 
 def tensor_kinds(cfg: ExperimentConfig) -> tuple[TensorKind, ...]:
-    """``out``, plus ``q`` and ``k`` when T-CA needs the attention queries and keys."""
-    return ("out", "q", "k") if cfg.model.decoder.temporal_cross_attn else ("out",)
+    """``out``, plus ``attn`` when T-CA reads the block's attention maps."""
+    return ("out", "attn") if cfg.model.decoder.temporal_cross_attn else ("out",)
 
 
 def split_entries(

@@ -20,6 +20,7 @@ from evl_platform.data.source import image_size
 from evl_platform.features.key import view_data
 from evl_platform.features.store import shard_name
 from evl_platform.models.backbone import BlockFeatures, create_backbone
+from evl_platform.models.temporal import adjacent_attention
 
 BATCH_IMAGES = 128
 """Frames per backbone call (several videos x views x frames)."""
@@ -74,17 +75,21 @@ def extract_shard(job: dict[str, Any], annotations: Annotations, *, device: str)
 def _run_backbone(
     backbone: torch.nn.Module, clips: torch.Tensor, layers: list[int], with_qk: bool
 ) -> dict[int, BlockFeatures]:
-    """Backbone features of (k, v, C, T, H, W) clips, each tensor unflattened to (k, v, T, ...)."""
+    """Backbone features of (k, v, C, T, H, W) clips: ``out`` (k, v, T, L, C) and, with
+    ``with_qk``, T-CA's maps ``attn`` (k, v, 2, T-1, P, P) in place of the queries and keys."""
     k, v, _, t = clips.shape[:4]
     frames = clips.transpose(2, 3).flatten(0, 2)  # (k*v*T, C, H, W)
     found = backbone.forward_features(frames, layers, with_qk=with_qk)
 
-    def unflatten(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x.unflatten(0, (k, v, t))  # (k, v, T, L, ...)
+    def maps(f: BlockFeatures) -> torch.Tensor | None:
+        if f.q is None or f.k is None:
+            return None
+        clip = (k * v, t)  # (k*v, T, L, H, D) per clip and view
+        return adjacent_attention(f.q.unflatten(0, clip), f.k.unflatten(0, clip)).unflatten(
+            0, (k, v)
+        )
 
-    return {
-        i: BlockFeatures(unflatten(f.out), unflatten(f.q), unflatten(f.k)) for i, f in found.items()
-    }
+    return {i: BlockFeatures(f.out.unflatten(0, (k, v, t)), attn=maps(f)) for i, f in found.items()}
 
 
 class _ShardWriter:

@@ -25,6 +25,7 @@ from evl_platform.models.temporal import (
     TemporalConv,
     TemporalCrossAttention,
     TemporalPositionalEmbedding,
+    adjacent_attention,
 )
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "TemporalConv",
     "TemporalCrossAttention",
     "TemporalPositionalEmbedding",
+    "adjacent_attention",
     "backbone_spec",
     "count_gmacs",
     "create_backbone",

@@ -88,11 +88,15 @@ class BlockFeatures:
         out: block output, before ``ln_post``: (B, L, C).
         q: attention queries of the block, per head: (B, L, H, D), or ``None``.
         k: attention keys of the block, per head: (B, L, H, D), or ``None``.
+        attn: T-CA's attention maps between adjacent frames, (N, 2, T-1, P, P) from
+            :func:`~evl_platform.models.temporal.adjacent_attention`, in place of ``q``/``k``
+            (cached features of a frozen backbone), or ``None``.
     """
 
     out: torch.Tensor
     q: torch.Tensor | None = None
     k: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
 
 
 class ClipBackbone(nn.Module):

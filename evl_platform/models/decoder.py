@@ -159,7 +159,10 @@ class EVLDecoderLayer(nn.Module):
         if self.temporal_pos_embed is not None:
             y = y + self.temporal_pos_embed(x)
         if self.temporal_cross_attn is not None:
-            y = y + self.temporal_cross_attn(features.q, features.k)
+            if features.attn is not None:  # maps cached with the frozen features
+                y = y + self.temporal_cross_attn.forward_maps(features.attn)
+            else:
+                y = y + self.temporal_cross_attn(features.q, features.k)
         return self.block(query, self.reduce(y))
 
 

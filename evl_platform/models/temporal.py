@@ -163,6 +163,10 @@ class TemporalCrossAttention(nn.Module):
     (finetune mode), never from a frozen backbone. Under autocast the maps and the gathered
     windows are cast once, as the matmul would cast them.
 
+    With a frozen backbone the maps depend on the backbone alone, so the feature cache stores
+    them (:func:`adjacent_attention`) and training calls :meth:`forward_maps`: the q.k products
+    and softmaxes, about half of the module's time on the tiny backbone, run once per clip.
+
     Args:
         grid: patch grid (H, W) of the backbone.
         width: channels C.
@@ -181,33 +185,46 @@ class TemporalCrossAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Maps per-head queries and keys (N, T, L, H, D) to the T-CA term (N, T, L, C)."""
+        self._check_tokens(q.shape[2])
+        prev, nxt = _adjacent_maps(q, k)
+        return self._combine(self._project(prev, self.w_prev), self._project(nxt, self.w_next))
+
+    def forward_maps(self, attn: torch.Tensor) -> torch.Tensor:
+        """The T-CA term (N, T, L, C) from precomputed maps (N, 2, T-1, P, P) of
+        :func:`adjacent_attention` (what the feature cache holds for a frozen backbone)."""
+        self._check_tokens(attn.shape[-1] + 1)
+        return self._combine(
+            self._project(attn[:, 0], self.w_prev), self._project(attn[:, 1], self.w_next)
+        )
+
+    def _check_tokens(self, length: int) -> None:
         h, w = self.grid
-        n, frames, length = q.shape[:3]
         if length != h * w + 1:
             raise ValueError(f"expected {h * w} patch tokens + cls, got {length} tokens")
-        q, k = q[:, :, 1:], k[:, :, 1:]  # drop cls: (N, T, P, H, D)
-        prev = self._project(q[:, 1:], k[:, :-1], self.w_prev)  # frames 1..T-1
-        nxt = self._project(q[:, :-1], k[:, 1:], self.w_next)  # frames 0..T-2
-        out = prev.new_zeros(n, frames, length, prev.shape[-1])  # zero rows for cls and edges
+
+    def _combine(self, prev: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        """Places the projected prev (frames 1..T-1) and next (frames 0..T-2) terms, both
+        (grid columns, grid rows, N, T-1, C), into a zero (N, T, L, C) volume."""
+        h, w = self.grid
+        n, frames = prev.shape[2], prev.shape[3] + 1
+        out = prev.new_zeros(n, frames, h * w + 1, prev.shape[-1])  # zero cls rows and edges
         patches = out[:, :, 1:].unflatten(2, (h, w))  # a view: (N, T, H, W, C)
         patches[:, 1:] += prev.permute(2, 3, 1, 0, 4)
         patches[:, :-1] += nxt.permute(2, 3, 1, 0, 4)
         return out
 
-    def _project(self, q: torch.Tensor, k: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """Projected head-mean attention of q to k, both (N, T', P, heads, D).
+    def _project(self, attn: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Projects head-mean attention maps (N, T', P, P) with a weight table.
 
         Returns:
             (grid columns, grid rows, N, T', C).
         """
         h, w = self.grid
-        n, frames = q.shape[:2]
-        scale = q.shape[-1] ** -0.5
-        logits = torch.matmul((q * scale).transpose(2, 3), k.permute(0, 1, 3, 4, 2))
-        attn = logits.softmax(dim=-1).mean(dim=2)  # (N, T', P, P): softmax over keys, mean heads
+        n, frames = attn.shape[:2]
         attn = attn.to(table.dtype)
-        maps = attn.view(n * frames, h, w, h, w).permute(2, 1, 0, 3, 4)  # (qc, qr, M, kr, kc)
-        maps = maps.index_select(3, self.key_rows_reversed).reshape(w, h, n * frames, h * w)
+        maps = attn.unflatten(3, (h, w)).unflatten(2, (h, w))  # (N, T', qr, qc, kr, kc)
+        maps = maps.permute(3, 2, 0, 1, 4, 5)  # (qc, qr, N, T', kr, kc)
+        maps = maps.index_select(4, self.key_rows_reversed).reshape(w, h, n * frames, h * w)
         windows = table.index_select(0, self.window_index).view(w, (2 * h - 1) * w, -1)
         dtype = _autocast_dtype(windows.device)
         if windows.dtype == torch.float64:  # autocast leaves float64 alone
@@ -217,3 +234,29 @@ class TemporalCrossAttention(nn.Module):
         with torch.autocast(windows.device.type, enabled=False) if dtype else nullcontext():
             out = _WindowedProjection.apply(maps, windows)  # (qc, qr, M, C)
         return out.view(w, h, n, frames, table.shape[1])
+
+
+def adjacent_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The attention maps T-CA reads, as the feature cache stores them.
+
+    Args:
+        q, k: per-head queries and keys (N, T, L, H, D) of one block, cls token first.
+
+    Returns:
+        (N, 2, T-1, P, P): ``[:, 0]`` frames 1..T-1 attending to their previous frame's
+        patches, ``[:, 1]`` frames 0..T-2 attending to their next frame's; softmax over keys,
+        mean over heads.
+    """
+    return torch.stack(_adjacent_maps(q, k), dim=1)
+
+
+def _adjacent_maps(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k = q[:, :, 1:], k[:, :, 1:]  # drop cls: (N, T, P, H, D)
+    return _attention(q[:, 1:], k[:, :-1]), _attention(q[:, :-1], k[:, 1:])
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Head-mean softmax attention (N, T', P, P) of q to k, both (N, T', P, heads, D)."""
+    scale = q.shape[-1] ** -0.5
+    logits = torch.matmul((q * scale).transpose(2, 3), k.permute(0, 1, 3, 4, 2))
+    return logits.softmax(dim=-1).mean(dim=2)

@@ -48,10 +48,11 @@ def map_inputs(inputs: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> In
     """Applies ``fn`` to the clip tensor or to every feature tensor."""
     if isinstance(inputs, torch.Tensor):
         return fn(inputs)
-    return [
-        BlockFeatures(fn(f.out), None if f.q is None else fn(f.q), None if f.k is None else fn(f.k))
-        for f in inputs
-    ]
+
+    def apply(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else fn(x)
+
+    return [BlockFeatures(fn(f.out), apply(f.q), apply(f.k), apply(f.attn)) for f in inputs]
 
 
 def to_device(inputs: Inputs, device: torch.device) -> Inputs:
