@@ -446,7 +446,7 @@ def _triage(
 def _prepare_features(ablation: Ablation, trials: Sequence[Trial], options: SweepOptions) -> None:
     """Extracts the frozen features every trial reads, once, before any trial starts.
 
-    Configs reading q/k (T-CA) go first: their extraction also writes the block outputs the
+    Configs with T-CA go first: their extraction also writes the block outputs the
     others read, so the backbone runs once per dataset.
     """
     from evl_platform.features import prepare_features
