@@ -209,12 +209,18 @@ def _random_qk(grid=(2, 3), n=2, t=4, heads=2, d=4):
     return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
 
 
-def test_temporal_cross_attention_matches_the_paper_equations() -> None:
-    grid = (2, 3)
+def _random_tca(grid):
+    """T-CA with random (not zero-initialised) weight tables."""
     tca = TemporalCrossAttention(grid=grid, width=5)
     with torch.no_grad():
         tca.w_prev.normal_()
         tca.w_next.normal_()
+    return tca
+
+
+def test_temporal_cross_attention_matches_the_paper_equations() -> None:
+    grid = (2, 3)
+    tca = _random_tca(grid)
     q, k = _random_qk(grid)
     expected = _reference_tca(q, k, tca.w_prev.detach(), tca.w_next.detach(), grid)
     assert torch.allclose(tca(q, k), expected, atol=1e-5)
@@ -224,10 +230,7 @@ def test_temporal_cross_attention_from_cached_maps_equals_from_q_and_k() -> None
     """The feature cache stores adjacent_attention(q, k); forward_maps on it is T-CA itself,
     output and table gradients alike."""
     grid = (2, 3)
-    tca = TemporalCrossAttention(grid=grid, width=5)
-    with torch.no_grad():
-        tca.w_prev.normal_()
-        tca.w_next.normal_()
+    tca = _random_tca(grid)
     q, k = _random_qk(grid)
     maps = adjacent_attention(q, k)
     assert maps.shape == (2, 2, 3, 6, 6)  # (N, prev/next, T-1, P, P)
