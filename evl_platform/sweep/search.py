@@ -10,6 +10,7 @@ mid-run is deleted and sampled afresh, so every sample has exactly one run.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -147,21 +148,66 @@ def _parse(text: str | None) -> Any:
         return text
 
 
+SETTLE_TIMEOUT_S = 30.0
+"""How long to wait, after Tune returns, for stopped samples' trial actors to exit."""
+
+
 def _close_stopped(
-    tracker: Tracker, ablation: Ablation, parent: _Parent, trial: Trial, clean: set[str]
+    tracker: Tracker,
+    ablation: Ablation,
+    parent: _Parent,
+    trial: Trial,
+    clean: set[str],
+    timeout: float = SETTLE_TIMEOUT_S,
 ) -> None:
     """Closes the runs of samples ASHA stopped as FINISHED, tagged early_stopped.
 
     ``clean`` holds the Tune trial ids that ended without an error. Stopping a sample kills
-    its trainer, which leaves its run RUNNING or, when the driver's ``train`` sees the trainer
-    die before the trial actor is killed, FAILED: either way Tune recorded no error.
+    its trainer, which leaves its run RUNNING or, when the sample's ``train`` sees the trainer
+    die before its trial actor is gone, FAILED: either way Tune recorded no error. Tune
+    returns before the stopped trial actors have exited, so such a FAILED can come after it
+    returns: the runs are closed once no trial actor of this job is alive (or, where Ray's
+    state API cannot say, once none is RUNNING or ``timeout`` has passed).
     """
-    for run in tracker.children(ablation.spec.name, parent.run_id):
-        key = run.data.tags.get(names.TAG_TRIAL, "")
-        if (
-            run.info.status in ("RUNNING", "FAILED")
-            and key.startswith(f"{trial.key}/")
-            and key.rsplit("/", 1)[-1] in clean
-        ):
-            tracker.set_tags(run.info.run_id, {names.TAG_EARLY_STOPPED: "true"})
-            tracker.terminate(run.info.run_id, "FINISHED")
+
+    def stopped() -> list:
+        return [
+            run
+            for run in tracker.children(ablation.spec.name, parent.run_id)
+            if run.info.status in ("RUNNING", "FAILED")
+            and run.data.tags.get(names.TAG_TRIAL, "").startswith(f"{trial.key}/")
+            and run.data.tags[names.TAG_TRIAL].rsplit("/", 1)[-1] in clean
+        ]
+
+    deadline = time.monotonic() + timeout
+    runs = stopped()
+    while runs and time.monotonic() < deadline:
+        alive = _trial_actors_alive()
+        if alive is False or (alive is None and all(r.info.status != "RUNNING" for r in runs)):
+            runs = stopped()  # with whatever the exited actors wrote last
+            break
+        time.sleep(0.5)
+        runs = stopped()
+    for run in runs:
+        tracker.set_tags(run.info.run_id, {names.TAG_EARLY_STOPPED: "true"})
+        tracker.terminate(run.info.run_id, "FINISHED")
+
+
+def _trial_actors_alive() -> bool | None:
+    """Whether a Tune function-trainable actor of this job is alive; ``None``: unknown."""
+    import ray
+    from ray.util.state import list_actors
+
+    try:
+        actors = list_actors(
+            filters=[
+                ("job_id", "=", ray.get_runtime_context().get_job_id()),
+                ("class_name", "=", "ImplicitFunc"),  # Tune's actor for a function trainable
+                ("state", "=", "ALIVE"),
+            ],
+            timeout=10,
+            raise_on_missing_output=False,
+        )
+    except Exception:  # no state API (e.g. a cluster without its dashboard)
+        return None
+    return bool(actors)
