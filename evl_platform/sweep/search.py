@@ -175,19 +175,19 @@ def _close_stopped(
             run
             for run in tracker.children(ablation.spec.name, parent.run_id)
             if run.info.status in ("RUNNING", "FAILED")
-            and run.data.tags.get(names.TAG_TRIAL, "").startswith(f"{trial.key}/")
-            and run.data.tags[names.TAG_TRIAL].rsplit("/", 1)[-1] in clean
+            and (key := run.data.tags.get(names.TAG_TRIAL, "")).startswith(f"{trial.key}/")
+            and key.rsplit("/", 1)[-1] in clean
         ]
 
     deadline = time.monotonic() + timeout
-    runs = stopped()
-    while runs and time.monotonic() < deadline:
+    while True:
         alive = _trial_actors_alive()
-        if alive is False or (alive is None and all(r.info.status != "RUNNING" for r in runs)):
-            runs = stopped()  # with whatever the exited actors wrote last
+        runs = stopped()  # read after the check: holds what exited actors wrote last
+        running = any(r.info.status == "RUNNING" for r in runs)
+        settled = alive is False or (alive is None and not running)
+        if not runs or settled or time.monotonic() >= deadline:
             break
         time.sleep(0.5)
-        runs = stopped()
     for run in runs:
         tracker.set_tags(run.info.run_id, {names.TAG_EARLY_STOPPED: "true"})
         tracker.terminate(run.info.run_id, "FINISHED")
