@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evl_platform import __version__
-from evl_platform.cluster import SharedStorageError
 from evl_platform.config import ConfigError, load_config
 from evl_platform.data.annotations import AnnotationError
 from evl_platform.data.errors import DataSourceError
 from evl_platform.ensemble import cli as ensemble_cli
 from evl_platform.report import cli as report_cli
+from evl_platform.runtime.cluster import SharedStorageError
 from evl_platform.sweep.spec import AblationError
 from evl_platform.train.errors import ResumeError
 

@@ -130,7 +130,7 @@ def ray_local() -> None:
     """One local Ray instance (2 CPUs) shared by the tests that need it."""
     import ray
 
-    from evl_platform.train.launcher import ray_init_options
+    from evl_platform.runtime.session import ray_init_options
 
     started = not ray.is_initialized()
     if started:

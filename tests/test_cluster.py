@@ -31,14 +31,14 @@ from conftest import layout_data, write_config
 from mlflow.tracking import MlflowClient
 
 from evl_platform.cli import main
-from evl_platform.cluster import (
+from evl_platform.data.synth import SyntheticLayout
+from evl_platform.runtime.cluster import (
     NETWORK_FILESYSTEMS,
     _launcher_max_workers,
     check_shared,
     filesystem_type,
     local_path,
 )
-from evl_platform.data.synth import SyntheticLayout
 from evl_platform.tracking import names
 
 RAY = str(Path(sys.executable).parent / "ray")

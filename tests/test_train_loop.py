@@ -12,9 +12,10 @@ import torch
 
 from evl_platform.config import ExperimentConfig, TrainConfig
 from evl_platform.models import create_model
+from evl_platform.runtime.storage import RunRecord
 from evl_platform.train.errors import ResumeError
 from evl_platform.train.inputs import StepSampler
-from evl_platform.train.launcher import RunRecord, check_resumable
+from evl_platform.train.launcher import check_resumable
 from evl_platform.train.loop import (
     EvalResult,
     EVLForward,

@@ -26,8 +26,9 @@ from evl_platform.config import ExperimentConfig, flatten_config
 from evl_platform.data.source import read_splits
 from evl_platform.data.synth import SyntheticLayout, SynthParams, generate
 from evl_platform.models.info import model_info
+from evl_platform.runtime.storage import RUN_RECORD
 from evl_platform.tracking import names
-from evl_platform.train.launcher import RUN_RECORD, TrainOptions, train
+from evl_platform.train.launcher import TrainOptions, train
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -29,6 +29,7 @@ from evl_platform.config import BackboneConfig, ExperimentConfig, flatten_config
 from evl_platform.tracking import Tracker, git_commit
 from evl_platform.tracking.names import (
     BENCHMARK_EXPERIMENT,
+    KIND_BENCHMARK,
     TAG_BACKBONE,
     TAG_DATASET,
     TAG_GIT_COMMIT,
@@ -360,7 +361,7 @@ def log_benchmark(result: BenchResult, *, bench: str, tracking_uri: str | None) 
     cfg = result.cfg
     tracker = Tracker(tracking_uri)
     tags = {
-        TAG_KIND: "benchmark",
+        TAG_KIND: KIND_BENCHMARK,
         TAG_BENCH: bench,
         TAG_PROFILE: cfg.profile,
         TAG_DATASET: cfg.data.dataset,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from evl_platform.bench.data import machine_description
 from evl_platform.config import ExperimentConfig
+from evl_platform.runtime.session import ray_session
 from evl_platform.sweep.runner import SweepOptions, plan, run_sweep
-from evl_platform.train.launcher import ray_session
 
 TARGET_SPEEDUP = 5.0
 

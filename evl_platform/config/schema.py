@@ -106,8 +106,11 @@ class DecoderConfig(_Frozen):
             )
         return self
 
-    def resolved_feature_layers(self) -> tuple[int, ...]:
-        """Backbone block indices read by the decoder layers, in decoder order."""
+    def configured_feature_layers(self) -> tuple[int, ...]:
+        """The backbone layers the decoder layers read, in decoder order, as configured
+        (negative counts from the end; the default is the last ``num_layers`` blocks).
+        :func:`evl_platform.models.evl.feature_block_indices` checks them against a backbone
+        and turns them into block indices."""
         if self.feature_layers is not None:
             return self.feature_layers
         return tuple(range(-self.num_layers, 0))

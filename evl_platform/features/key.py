@@ -23,7 +23,7 @@ from evl_platform.config.schema import is_weights_path
 from evl_platform.data.annotations import Annotations
 from evl_platform.data.source import DatasetFiles, Split, image_size
 from evl_platform.models.backbone import backbone_spec
-from evl_platform.models.evl import resolve_feature_layers
+from evl_platform.models.evl import feature_block_indices
 
 FORMAT_VERSION = 1
 """Bump whenever what is stored for a key, or how, changes."""
@@ -70,7 +70,7 @@ def view_data(cfg: ExperimentConfig, split: Split) -> DataConfig:
 def decoder_layers(cfg: ExperimentConfig) -> tuple[int, ...]:
     """Non-negative block index read by each decoder layer, in decoder order (may repeat)."""
     num_blocks = backbone_spec(cfg.model.backbone.name).vision_cfg["layers"]
-    return resolve_feature_layers(cfg.model.decoder, num_blocks)
+    return feature_block_indices(cfg.model.decoder, num_blocks)
 
 
 def tensor_kinds(cfg: ExperimentConfig) -> tuple[TensorKind, ...]:

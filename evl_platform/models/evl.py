@@ -108,10 +108,11 @@ class EVL(nn.Module):
         return self.backbone.forward_images
 
 
-def resolve_feature_layers(cfg: DecoderConfig, num_blocks: int) -> tuple[int, ...]:
-    """Turns ``feature_layers`` (negative = from the end) into checked block indices."""
+def feature_block_indices(cfg: DecoderConfig, num_blocks: int) -> tuple[int, ...]:
+    """The block indices (0-based, non-negative) the decoder layers read from a backbone of
+    ``num_blocks`` blocks: the configured layers, checked and counted from the start."""
     resolved = []
-    for index in cfg.resolved_feature_layers():
+    for index in cfg.configured_feature_layers():
         if not -num_blocks <= index < num_blocks:
             raise ValueError(
                 f"model.decoder.feature_layers: index {index} is out of range for a backbone "
@@ -163,7 +164,7 @@ def create_evl(cfg: ExperimentConfig, *, load_weights: bool = True) -> EVL:
         load_weights: load the backbone's pretrained weights (``False``: seeded random init).
     """
     backbone = create_backbone(cfg.model.backbone, load_weights=load_weights)
-    feature_layers = resolve_feature_layers(cfg.model.decoder, backbone.num_layers)
+    feature_layers = feature_block_indices(cfg.model.decoder, backbone.num_layers)
     if backbone.trainable:
         backbone.freeze_unused(max(feature_layers))
     decoder = create_decoder(

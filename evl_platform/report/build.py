@@ -89,7 +89,9 @@ def write_report(options: ReportOptions) -> ReportOutcome:
 
 def choose_profile(runs: pd.DataFrame) -> str:
     """The profile of the newest finished training run (``local`` when there is none)."""
-    trained = runs[(runs[names.TAG_KIND] == "train") & (runs["status"] == "FINISHED")]
+    trained = runs[
+        (runs[names.TAG_KIND] == names.KIND_TRAIN) & (runs["status"] == names.STATUS_FINISHED)
+    ]
     trained = trained[trained[names.TAG_PROFILE].notna()]
     if trained.empty:
         return "local"
@@ -134,7 +136,7 @@ def runs_table(runs: pd.DataFrame) -> ReportTable:
         PaperColumn("frames", "frames × views"),
     ]
     rows = []
-    for _, run in runs[runs[names.TAG_KIND] == "train"].iterrows():
+    for _, run in runs[runs[names.TAG_KIND] == names.KIND_TRAIN].iterrows():
         values = {
             "new_params_m": run.get(names.MODEL_NEW_PARAMS) / 1e6
             if pd.notna(run.get(names.MODEL_NEW_PARAMS))
@@ -198,7 +200,9 @@ def _stand_in(tables: list[ReportTable]):
 def _status_notes(runs: pd.DataFrame, profile: str) -> list[str]:
     notes = []
     mine = runs[runs[names.TAG_PROFILE] == profile]
-    unfinished = mine[(mine["status"] != "FINISHED") & (mine[names.TAG_KIND] != "sweep")]
+    unfinished = mine[
+        (mine["status"] != names.STATUS_FINISHED) & (mine[names.TAG_KIND] != names.KIND_SWEEP)
+    ]
     if not unfinished.empty:
         counts = unfinished["status"].value_counts().sort_index()
         shown = ", ".join(f"{n} {status}" for status, n in counts.items())
@@ -233,7 +237,7 @@ def _header(collection: Collection, runs: pd.DataFrame, profile: str) -> dict[st
 def _figures(
     collection: Collection, runs: pd.DataFrame, measured: pd.DataFrame
 ) -> dict[str, tuple[str, bytes]]:
-    trained = runs[runs[names.TAG_KIND] == "train"]
+    trained = runs[runs[names.TAG_KIND] == names.KIND_TRAIN]
     out = {}
     points = _points(trained, {names.MODEL_GFLOPS: "gflops", names.VAL_ACC1: "acc1"})
     out["accuracy_vs_gflops.png"] = (

@@ -109,7 +109,7 @@ def measurements(collection: Collection, profile: str) -> tuple[pd.DataFrame, li
 def finished(runs: pd.DataFrame, profile: str) -> pd.DataFrame:
     """FINISHED runs of ``profile`` (ensemble runs without a profile tag count for any)."""
     same = (runs[names.TAG_PROFILE] == profile) | runs[names.TAG_PROFILE].isna()
-    return runs[(runs["status"] == "FINISHED") & same]
+    return runs[(runs["status"] == names.STATUS_FINISHED) & same]
 
 
 def _cell(table: str, row: str, column: str, value: Any, run: pd.Series, label: str = "") -> dict:
@@ -130,7 +130,7 @@ def _has(run: pd.Series, metric: str) -> bool:
 
 
 def _sweep_cells(runs: pd.DataFrame, collection: Collection, missing: list[str]) -> Iterator[dict]:
-    trials = runs[(runs[names.TAG_KIND] == "train") & runs[names.TAG_ABLATION].notna()]
+    trials = runs[(runs[names.TAG_KIND] == names.KIND_TRAIN) & runs[names.TAG_ABLATION].notna()]
     for _, run in trials.iterrows():
         block = collection.ablation_tables.get(run["parent_run_id"])
         if block is None:
@@ -176,7 +176,7 @@ def _ensemble_cells(runs: pd.DataFrame, collection: Collection) -> Iterator[dict
 
 
 def _experiment_cells(runs: pd.DataFrame) -> Iterator[dict]:
-    plain = runs[(runs[names.TAG_KIND] == "train") & runs[names.TAG_ABLATION].isna()]
+    plain = runs[(runs[names.TAG_KIND] == names.KIND_TRAIN) & runs[names.TAG_ABLATION].isna()]
     for _, run in plain.iterrows():
         for table_id, row in EXPERIMENT_ROWS.get(run["config_name"], ()):
             table = paper_tables()[table_id]
@@ -186,7 +186,7 @@ def _experiment_cells(runs: pd.DataFrame) -> Iterator[dict]:
 
 
 def _bench_cells(runs: pd.DataFrame) -> Iterator[dict]:
-    bench = runs[runs[names.TAG_KIND] == "benchmark"]
+    bench = runs[runs[names.TAG_KIND] == names.KIND_BENCHMARK]
     newest = bench.sort_values("start_time").groupby(["bench", "config_name", "device"]).tail(1)
     for _, run in newest.sort_values("start_time").iterrows():
         where = f"{run['config_name']} on {run['device']}"

@@ -90,7 +90,7 @@ def _formats(text: str) -> tuple[str, ...]:
 
 def _cluster_tracking_uri(address: str) -> str | None:
     """The tracking URI the cluster's head node was started with (None: it has none)."""
-    from evl_platform.train.launcher import ray_session, use_cluster_defaults
+    from evl_platform.runtime.session import ray_session, use_cluster_defaults
 
     with ray_session(address, log_to_driver=False) as attached:
         use_cluster_defaults(attached)

@@ -169,7 +169,7 @@ def _runs_frame(runs: Sequence[tuple[str, Run]]) -> pd.DataFrame:
 
 
 def _finished(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
-    return frame[(frame[names.TAG_KIND] == kind) & (frame["status"] == "FINISHED")]
+    return frame[(frame[names.TAG_KIND] == kind) & (frame["status"] == names.STATUS_FINISHED)]
 
 
 def _curves(tracker: Tracker, frame: pd.DataFrame) -> pd.DataFrame:
@@ -184,7 +184,7 @@ def _curves(tracker: Tracker, frame: pd.DataFrame) -> pd.DataFrame:
 def _per_class(
     tracker: Tracker, frame: pd.DataFrame, missing: list[str]
 ) -> dict[str, pd.DataFrame]:
-    motion = _finished(frame, "train")
+    motion = _finished(frame, names.KIND_TRAIN)
     motion = motion[motion[names.TAG_DATASET] == MOTION_STAND_IN]
     found: dict[str, pd.DataFrame] = {}
     for run_id in motion["run_id"]:
@@ -204,7 +204,7 @@ def _ablation_tables(
 ) -> dict[str, dict[str, Any]]:
     """The ``table`` block of each sweep's ablation file (with its profile's overlay)."""
     tables: dict[str, dict[str, Any]] = {}
-    for _, parent in frame[frame[names.TAG_KIND] == "sweep"].iterrows():
+    for _, parent in frame[frame[names.TAG_KIND] == names.KIND_SWEEP].iterrows():
         text = _artifact_text(tracker, parent["run_id"], names.ARTIFACT_ABLATION)
         if text is None:
             missing.append(f"sweep run {parent['run_name']} has no {names.ARTIFACT_ABLATION}")

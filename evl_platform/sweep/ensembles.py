@@ -105,6 +105,6 @@ def _source(trial: Trial, runs: dict[str, Run]) -> str | None:
     if trial.scores is not None:
         return trial.scores
     run = runs.get(trial.key)
-    if run is None or run.info.status != "FINISHED":
+    if run is None or run.info.status != names.STATUS_FINISHED:
         return None
     return run.info.run_id

@@ -16,8 +16,6 @@ checkpoint in the same MLflow run, and deletes a run that never got as far as it
 from __future__ import annotations
 
 import datetime
-import logging
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,7 +26,9 @@ from typing import Any
 from mlflow.entities import Run
 from ray.tune import Callback
 
-from evl_platform.cluster import check_shared
+from evl_platform.runtime.cluster import check_shared
+from evl_platform.runtime.session import ray_session, use_cluster_defaults
+from evl_platform.runtime.storage import RunRecord, resolve_storage, shared_locations
 from evl_platform.sweep.results import ResultsTable
 from evl_platform.sweep.spec import (
     Ablation,
@@ -41,25 +41,9 @@ from evl_platform.sweep.spec import (
 from evl_platform.tracking import names
 from evl_platform.tracking.client import Tracker, git_commit
 from evl_platform.train.errors import ResumeError
-from evl_platform.train.launcher import (
-    RunRecord,
-    TrainOptions,
-    ray_session,
-    resolve_storage,
-    shared_locations,
-    use_cluster_defaults,
-)
+from evl_platform.train.launcher import TrainOptions
 
-# The sweep prints its own progress lines; Tune's legacy reporter is silent at verbose=0,
-# while its newer one still prints its experiment banner.
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-# Tune's per-trial INFO lines (result files written, hyper-parameters TensorBoard cannot log)
-# would interleave with those progress lines.
-logging.getLogger("ray.tune").setLevel(logging.WARNING)
-
-KIND_SWEEP = "sweep"
 _TRIAL_ACTOR_MEMORY = 64 * 1024**2
-_FINAL = "FINISHED"
 
 
 @dataclass
@@ -247,14 +231,14 @@ def run_sweep(path: str | Path, options: SweepOptions | None = None) -> SweepOut
             f"{experiment!r} ({tracker.uri})",
             flush=True,
         )
-        status = "FAILED"
+        status = names.STATUS_FAILED
         try:
             outcome = _run_trials(ablation, trials, tracker, parent, storage, options)
             outcome.seconds = time.monotonic() - began
-            status = "FAILED" if outcome.failed else _FINAL
+            status = names.STATUS_FAILED if outcome.failed else names.STATUS_FINISHED
             return outcome
         except KeyboardInterrupt:
-            status = "KILLED"
+            status = names.STATUS_KILLED
             raise
         finally:
             tracker.terminate(parent.run_id, status)
@@ -303,7 +287,9 @@ def _run_trials(
 
         ensembles = run_ensembles(ablation, trials, tracker, parent, runs)
     results_dir = _write_results(ablation, parent, storage, table, ensembles, tracker)
-    failed = [t.key for t in trials if t.scores is None and _status(runs, t.key) != _FINAL]
+    failed = [
+        t.key for t in trials if t.scores is None and _status(runs, t.key) != names.STATUS_FINISHED
+    ]
     if spec.search is not None:
         failed = []
     return SweepOutcome(
@@ -361,10 +347,12 @@ def _open_parent(
     spec = ablation.spec
     if options.resume:
         query = (
-            f"tags.{names.TAG_KIND} = '{KIND_SWEEP}' and tags.{names.TAG_ABLATION} = "
+            f"tags.{names.TAG_KIND} = '{names.KIND_SWEEP}' and tags.{names.TAG_ABLATION} = "
             f"'{spec.name}' and tags.{names.TAG_PROFILE} = '{ablation.profile}'"
         )
-        unfinished = [r for r in tracker.search(experiment, query) if r.info.status != _FINAL]
+        unfinished = [
+            r for r in tracker.search(experiment, query) if r.info.status != names.STATUS_FINISHED
+        ]
         if not unfinished:
             raise ResumeError(
                 f"--resume: no unfinished {spec.name!r} sweep (profile {ablation.profile}) in "
@@ -379,7 +367,7 @@ def _open_parent(
         experiment,
         run_name=name,
         tags={
-            names.TAG_KIND: KIND_SWEEP,
+            names.TAG_KIND: names.KIND_SWEEP,
             names.TAG_ABLATION: spec.name,
             names.TAG_PAPER_TABLE: spec.table.paper,
             names.TAG_PROFILE: ablation.profile,
@@ -408,7 +396,7 @@ def _trial_runs(tracker: Tracker, experiment: str, parent_run_id: str) -> dict[s
     runs = {}
     for run in tracker.children(experiment, parent_run_id):
         tags = run.data.tags
-        if tags.get(names.TAG_KIND) == "train" and names.TAG_TRIAL in tags:
+        if tags.get(names.TAG_KIND) == names.KIND_TRAIN and names.TAG_TRIAL in tags:
             runs.setdefault(tags[names.TAG_TRIAL], run)  # newest first: keep the newest
     return runs
 
@@ -428,7 +416,7 @@ def _triage(
         if trial.scores is not None:
             continue  # an ensemble member trained elsewhere: nothing to run
         run = runs.get(trial.key)
-        if run is not None and run.info.status == _FINAL:
+        if run is not None and run.info.status == names.STATUS_FINISHED:
             done.append(trial)
             continue
         if run is None:
@@ -459,7 +447,7 @@ def _prepare_features(ablation: Ablation, trials: Sequence[Trial], options: Swee
         key = (
             cfg.data.model_dump_json(),
             cfg.model.backbone.model_dump_json(),
-            tuple(cfg.model.decoder.resolved_feature_layers()),
+            tuple(cfg.model.decoder.configured_feature_layers()),
             cfg.model.decoder.temporal_cross_attn,
             cfg.features.model_dump_json(),
         )
@@ -561,7 +549,7 @@ def _table(ablation: Ablation, trials: Sequence[Trial], runs: dict[str, Run]) ->
     for key, run in sorted(runs.items()):
         trial = next((t for t in trials if t.key == key), None)
         value = run.data.metrics.get(spec.table.metric)
-        if run.info.status != _FINAL or value is None:
+        if run.info.status != names.STATUS_FINISHED or value is None:
             continue
         if trial is None and spec.search is not None:  # a search sample: its sampled values
             params = run.data.params
@@ -631,7 +619,7 @@ class TrialProgress(Callback):
             print(f"[{datetime.datetime.now():%H:%M:%S}] {text}", flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        running = sum(t.status == "RUNNING" for t in trials)
+        running = sum(t.status == names.STATUS_RUNNING for t in trials)
         self._say(f"start  {self._key(trial)}  ({running} running)")
 
     def on_trial_result(

@@ -9,7 +9,6 @@ mid-run is deleted and sampled afresh, so every sample has exactly one run.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -20,9 +19,6 @@ from evl_platform.tracking.client import Tracker
 
 if TYPE_CHECKING:
     from evl_platform.sweep.runner import SweepOptions, _Parent
-
-# ASHA reads val/acc1 from the reports that carry it; training-only reports in between lack it.
-os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 SEARCH_PARAM = "search."  # sampled values are logged as tags search.<dotted key>
 
@@ -67,11 +63,11 @@ def run_search(
             r
             for r in children
             if r.data.tags.get(names.TAG_TRIAL, "").startswith(f"{trial.key}/")
-            and r.data.tags.get(names.TAG_KIND) == "train"
+            and r.data.tags.get(names.TAG_KIND) == names.KIND_TRAIN
         ]
-        finished = [r for r in mine if r.info.status == "FINISHED"]
+        finished = [r for r in mine if r.info.status == names.STATUS_FINISHED]
         for run in mine:
-            if run.info.status != "FINISHED":
+            if run.info.status != names.STATUS_FINISHED:
                 tracker.delete(run.info.run_id)  # cut off mid-run: sampled afresh
         remaining = search.num_samples - len(finished)
         if remaining <= 0:
@@ -174,7 +170,7 @@ def _close_stopped(
         return [
             run
             for run in tracker.children(ablation.spec.name, parent.run_id)
-            if run.info.status in ("RUNNING", "FAILED")
+            if run.info.status in (names.STATUS_RUNNING, names.STATUS_FAILED)
             and (key := run.data.tags.get(names.TAG_TRIAL, "")).startswith(f"{trial.key}/")
             and key.rsplit("/", 1)[-1] in clean
         ]
@@ -183,14 +179,14 @@ def _close_stopped(
     while True:
         alive = _trial_actors_alive()
         runs = stopped()  # read after the check: holds what exited actors wrote last
-        running = any(r.info.status == "RUNNING" for r in runs)
+        running = any(r.info.status == names.STATUS_RUNNING for r in runs)
         settled = alive is False or (alive is None and not running)
         if not runs or settled or time.monotonic() >= deadline:
             break
         time.sleep(0.5)
     for run in runs:
         tracker.set_tags(run.info.run_id, {names.TAG_EARLY_STOPPED: "true"})
-        tracker.terminate(run.info.run_id, "FINISHED")
+        tracker.terminate(run.info.run_id, names.STATUS_FINISHED)
 
 
 def _trial_actors_alive() -> bool | None:

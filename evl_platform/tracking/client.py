@@ -21,6 +21,8 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from evl_platform.tracking import names
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -138,7 +140,7 @@ class Tracker:
         history = _retry(lambda: self.client.get_metric_history(run_id, key), "metric history")
         return max((m.step for m in history), default=None)
 
-    def terminate(self, run_id: str, status: str = "FINISHED") -> None:
+    def terminate(self, run_id: str, status: str = names.STATUS_FINISHED) -> None:
         """Marks a run FINISHED, FAILED or KILLED."""
         _retry(lambda: self.client.set_terminated(run_id, status), "end run")
 
@@ -148,13 +150,13 @@ class Tracker:
         try:
             yield
         except BaseException:
-            self.terminate(run_id, "FAILED")
+            self.terminate(run_id, names.STATUS_FAILED)
             raise
         self.terminate(run_id)
 
     def reopen(self, run_id: str) -> None:
         """Marks a finished or failed run as running again (a resumed training)."""
-        _retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen run")
+        _retry(lambda: self.client.update_run(run_id, status=names.STATUS_RUNNING), "reopen run")
 
     def search(self, experiment: str, filter_string: str = "") -> list[Run]:
         """Every run of ``experiment`` matching ``filter_string``, newest first (none if the

@@ -37,8 +37,20 @@ TAG_DATASET = "dataset"
 TAG_BACKBONE = "backbone"
 TAG_GIT_COMMIT = "git_commit"
 TAG_VARIANT = "variant"
-TAG_KIND = "kind"  # train | sweep | ensemble | benchmark
+TAG_KIND = "kind"  # one of the KIND_* values below
 TAG_RAY_RUN = "ray_run"  # Ray Train run name (storage_path/<name>): what --resume continues
+
+# Kinds of run (values of TAG_KIND).
+KIND_TRAIN = "train"  # one training run (alone, or a sweep's trial)
+KIND_SWEEP = "sweep"  # a sweep's parent run
+KIND_BENCHMARK = "benchmark"  # one `evl-platform bench` measurement
+# KIND_ENSEMBLE is with the ensemble names below.
+
+# MLflow run statuses the platform writes and reads (mlflow.entities.RunStatus names).
+STATUS_RUNNING = "RUNNING"
+STATUS_FINISHED = "FINISHED"
+STATUS_FAILED = "FAILED"
+STATUS_KILLED = "KILLED"
 
 # Tags of sweep runs: the parent (kind "sweep") and its nested trial runs.
 TAG_ABLATION = "ablation"  # the ablation file's name, e.g. temporal_modules

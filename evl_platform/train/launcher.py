@@ -9,26 +9,30 @@ already initialised. A run lives under ``<storage>/<run name>/``: Ray's checkpoi
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from evl_platform.cluster import check_shared
 from evl_platform.config import ExperimentConfig, dump_config, flatten_config
+from evl_platform.runtime.cluster import check_shared
+from evl_platform.runtime.session import ray_session, use_cluster_defaults
+from evl_platform.runtime.storage import (
+    RUN_RECORD,
+    RunRecord,
+    local_storage,
+    resolve_storage,
+    shared_locations,
+)
 from evl_platform.tracking import Tracker, git_commit, names
 from evl_platform.train.errors import ResumeError
 from evl_platform.train.state import architecture_changes
 
-DEFAULT_STORAGE = "ray_results"
-RUN_RECORD = "evl_run.json"
 FINAL_FILES = "final"
 
 
@@ -53,7 +57,7 @@ class TrainOptions:
         fail_at_step / fail_marker: make the last worker raise once at this step (testing the
             automatic restart); the marker file records that it happened.
         check_storage: on a cluster, refuse storage that not every node shares (see
-            :func:`evl_platform.cluster.check_shared`); a sweep checks once for all trials.
+            :func:`evl_platform.runtime.cluster.check_shared`); a sweep checks once for all trials.
     """
 
     num_workers: int = 1
@@ -85,132 +89,6 @@ class TrainOutcome:
     checkpoint: str | None
 
 
-# Ray Train's print patch sends each worker print to the console twice; plain prints suffice.
-os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-
-
-# Every worker process of the job runs this hook, so it lives in a module that imports
-# nothing heavy: from this module it cost each of Ray Train's helper actors ~3 s of CPU.
-WORKER_SETUP_HOOK = "evl_platform.train.ray_hooks.quiet_ray_workers"
-
-
-def ray_init_options(num_cpus: int | None = None) -> dict[str, Any]:
-    """``ray.init`` arguments for a local instance.
-
-    The dashboard runs because Ray Train's placement-group cleaner asks the state API (served
-    by the dashboard) whether a trainer's controller has died; without it, the CPUs of a
-    trainer killed mid-run (a trial stopped by ASHA) are never given back.
-    """
-    return {
-        # A new instance even when `ray start` runs on this machine: attaching is --address's.
-        "address": "local",
-        "num_cpus": num_cpus,
-        "include_dashboard": True,
-        "runtime_env": {
-            "worker_process_setup_hook": WORKER_SETUP_HOOK,
-            "env_vars": {
-                # One actor process less per training: a local machine is not preempted.
-                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                # The Train controller polls its workers at this interval, and each step of
-                # starting and finishing a run waits for a poll: 2 s by default.
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-            },
-        },
-    }
-
-
-def cluster_runtime_env() -> dict[str, Any]:
-    """The job-level runtime environment of a driver attached to a cluster: quiet workers,
-    and the driver's own feature/stand-in cache location when it sets one (workers otherwise
-    use their node's ``$EVL_PLATFORM_CACHE``, which cluster.yaml sets on every node)."""
-    cache = os.environ.get("EVL_PLATFORM_CACHE")
-    return {
-        "worker_process_setup_hook": WORKER_SETUP_HOOK,
-        "env_vars": {"EVL_PLATFORM_CACHE": cache} if cache else {},
-    }
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None = None, *, log_to_driver: bool = True) -> Iterator[bool]:
-    """Uses the current Ray connection, attaches to ``address`` (or ``$RAY_ADDRESS``), or
-    starts a local instance; what this call started or attached is shut down at the end.
-    ``log_to_driver=False`` keeps the workers' output off this console (a sweep prints its
-    own progress). Yields whether this call attached to an existing cluster."""
-    import ray
-
-    if ray.is_initialized():
-        yield False
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=cluster_runtime_env())
-    else:
-        ray.init(**ray_init_options(), log_to_driver=log_to_driver)
-    try:
-        yield bool(address)
-    finally:
-        ray.shutdown()
-
-
-def use_cluster_defaults(attached: bool) -> None:
-    """On a cluster just attached to, takes the head node's tracking URI, storage and cache
-    for whatever this driver's environment does not set (see :mod:`evl_platform.cluster`)."""
-    if not attached:
-        return
-    from evl_platform.cluster import adopt_head_environment
-
-    for key, value in sorted(adopt_head_environment().items()):
-        print(f"using the cluster's {key}={value} (from the head node)", flush=True)
-
-
-def resolve_storage(path: str | None) -> str:
-    """Absolute local directory or a URI (``s3://``, ``gs://``...) for Ray's run storage."""
-    path = path or os.environ.get("EVL_PLATFORM_STORAGE") or DEFAULT_STORAGE
-    if "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())
-
-
-def _local(storage: str) -> Path | None:
-    return None if "://" in storage else Path(storage)
-
-
-@dataclass
-class RunRecord:
-    """``evl_run.json``: ties a Ray run directory to its MLflow run."""
-
-    run_name: str
-    run_id: str
-    experiment: str
-    mlflow_experiment: str
-    config: str
-    created: str
-
-    def write(self, storage: str) -> None:
-        files, base = storage_files(storage)
-        files.create_dir(f"{base}/{self.run_name}", recursive=True)
-        with files.open_output_stream(f"{base}/{self.run_name}/{RUN_RECORD}") as out:
-            out.write(json.dumps(self.__dict__, indent=2).encode())
-
-    @staticmethod
-    def read(storage: str, run_name: str) -> RunRecord | None:
-        """The record of ``run_name`` under ``storage``; ``None`` when it has none."""
-        files, base = storage_files(storage)
-        try:
-            with files.open_input_stream(f"{base}/{run_name}/{RUN_RECORD}") as record:
-                return RunRecord(**json.loads(record.read()))
-        except FileNotFoundError:
-            return None
-
-
-def storage_files(storage: str) -> tuple[Any, str]:
-    """The pyarrow filesystem and base path of a storage location: a local directory or a
-    bucket URI (``s3://``, ``gs://``...), the same filesystems Ray Train writes with."""
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(storage)
-
-
 def find_run(storage: str, cfg: ExperimentConfig, which: str) -> RunRecord:
     """The run ``--resume`` continues: a named run, or the newest run of this experiment."""
     if which != "latest":
@@ -218,12 +96,10 @@ def find_run(storage: str, cfg: ExperimentConfig, which: str) -> RunRecord:
         if record is None:
             raise ResumeError(f"--resume {which}: no run record at {storage}/{which}/{RUN_RECORD}")
         return record
-    import pyarrow.fs
-
-    files, base = storage_files(storage)
-    listed = files.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
-    records = [RunRecord.read(storage, i.base_name) for i in listed if i.type.name == "Directory"]
-    mine = sorted((r for r in records if r and r.experiment == cfg.name), key=lambda r: r.created)
+    mine = sorted(
+        (r for r in RunRecord.read_all(storage) if r.experiment == cfg.name),
+        key=lambda r: r.created,
+    )
     if not mine:
         raise ResumeError(
             f"--resume: no earlier run of experiment {cfg.name!r} under {storage}; "
@@ -248,7 +124,7 @@ def check_resumable(record: RunRecord, cfg: ExperimentConfig) -> list[str]:
 def run_tags(cfg: ExperimentConfig, options: TrainOptions, run_name: str) -> dict[str, str]:
     """Tags carried by every training run."""
     return {
-        names.TAG_KIND: "train",
+        names.TAG_KIND: names.KIND_TRAIN,
         names.TAG_PROFILE: cfg.profile,
         names.TAG_DATASET: cfg.data.dataset,
         names.TAG_BACKBONE: cfg.model.backbone.name if cfg.model.arch == "evl" else cfg.model.arch,
@@ -337,34 +213,24 @@ def train(cfg: ExperimentConfig, options: TrainOptions | None = None) -> TrainOu
             f"{tracker.uri}); checkpoints in {storage}/{record.run_name}",
             flush=True,
         )
-        status = "FAILED"
+        status = names.STATUS_FAILED
         try:
             _log_config(tracker, cfg, storage, record)
             _prepare_features(cfg, options, tracker, record.run_id)
             result = _fit(cfg, options, tracker, record, storage)
             outcome = _finish(result, record, storage, tracker)
-            status = "FINISHED"
+            status = names.STATUS_FINISHED
             return outcome
         except KeyboardInterrupt:
-            status = "KILLED"
+            status = names.STATUS_KILLED
             raise
         finally:
             tracker.terminate(record.run_id, status)
 
 
-def shared_locations(cfg: ExperimentConfig, storage: str, tracking_uri: str) -> dict[str, str]:
-    """Where every node of a cluster writes, named as the user sets each one."""
-    locations = {"--storage-path": storage, "the MLflow store (--tracking-uri)": tracking_uri}
-    if cfg.features.reuse:
-        from evl_platform.features.store import features_root
-
-        locations["the feature cache (features.cache_dir)"] = str(features_root(cfg))
-    return locations
-
-
 def _log_config(tracker: Tracker, cfg: ExperimentConfig, storage: str, record: RunRecord) -> None:
     """Logs the resolved config, kept next to the checkpoints when the storage is local."""
-    directory = _local(storage)
+    directory = local_storage(storage)
     with tempfile.TemporaryDirectory() as scratch:
         base = directory / record.run_name if directory else Path(scratch)
         base.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Ray worker process hooks, kept apart from the launcher so that every worker process of a
+"""Ray worker process hooks, kept apart from the session code so that every worker process of a
 job (Ray Train's controller and helper actors included) runs them without importing torch or
 MLflow."""
 
