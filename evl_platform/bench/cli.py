@@ -1,0 +1,179 @@
+"""``evl-platform bench data|step|infer|sweep``: the speed measurements."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from evl_platform.arguments import (
+    add_ablation_arguments,
+    add_config_arguments,
+    add_workers_argument,
+    positive_int,
+)
+from evl_platform.config import ConfigError, load_config
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="speed measurements")
+    actions = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    data = actions.add_parser(
+        "data",
+        help="loader clips/s vs. raw decord decoding of the same frames",
+        description="Time the full loader (decode + sample + augment + collate, with its "
+        "worker processes) against decord decoding the same frames of the same clips in the "
+        "same number of processes, and print both rates and their ratio (target >= 0.9).",
+    )
+    add_config_arguments(data)
+    add_workers_argument(data, "processes on both sides")
+    data.add_argument(
+        "--clips",
+        type=positive_int,
+        default=512,
+        metavar="N",
+        help="clips timed on each side (default 512)",
+    )
+    data.add_argument(
+        "--split",
+        choices=("train", "val"),
+        default="train",
+        help="train: random clip + augmentation; val: all test views",
+    )
+    data.add_argument("--json", action="store_true", help="print one JSON object")
+    data.set_defaults(handler=_bench_data)
+    for name, handler, summary, batch_help, memory_gib in (
+        (
+            "step",
+            _bench_model,
+            "training step time: frozen/open backbone x GAP/EVL head (paper Table 5)",
+            "samples per step (default 64 on CUDA, 16 on CPU; gradient accumulation "
+            "beyond the largest batch that fits)",
+            16.0,
+        ),
+        (
+            "infer",
+            _bench_model,
+            "inference latency, throughput and GFLOPs per video (paper Table 3)",
+            "videos per forward for the throughput (default: the largest that fits on CUDA, "
+            "4 on CPU)",
+            32.0,
+        ),
+    ):
+        parser = actions.add_parser(
+            name,
+            help=summary,
+            description=f"Measure the {summary} on fake data, print it beside the paper's "
+            "figures and log one MLflow run in experiment `benchmarks`. The largest batch is "
+            "an out-of-memory search on CUDA and an estimate on CPU.",
+        )
+        add_config_arguments(parser)
+        parser.add_argument("--batch", type=positive_int, metavar="N", help=batch_help)
+        parser.add_argument(
+            "--iters",
+            type=positive_int,
+            default=10,
+            metavar="N",
+            help="timed runs after 2 warm-up runs; the median is reported (default 10)",
+        )
+        parser.add_argument(
+            "--device", choices=("cpu", "cuda"), help="default: cuda when available"
+        )
+        parser.add_argument(
+            "--memory-gib",
+            type=float,
+            default=memory_gib,
+            metavar="G",
+            help=f"memory the largest batch must fit in (default {memory_gib:g}, the paper's "
+            f"V100-{memory_gib:g}G)",
+        )
+        parser.add_argument(
+            "--threads",
+            type=positive_int,
+            metavar="N",
+            help="CPU threads while measuring (default: torch's; 1 is steadier on shared cores)",
+        )
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+        parser.add_argument(
+            "--tracking-uri", metavar="URI", help="MLflow store (default ./mlflow.db)"
+        )
+        parser.add_argument("--no-track", action="store_true", help="log no MLflow run")
+        parser.set_defaults(handler=handler)
+
+    sweep = actions.add_parser(
+        "sweep",
+        help="wall time of an ablation sweep with frozen-feature reuse vs without",
+        description="Run the ablation twice in one Ray session: with frozen-feature reuse "
+        "(from an empty feature cache, so extraction is included) and without (every trial "
+        "decodes videos and runs the backbone at every step). Each sweep goes to a temporary "
+        "MLflow store; the timings and the speedup (target 5x) are printed and logged as one "
+        "run in experiment `benchmarks`.",
+    )
+    add_ablation_arguments(sweep)
+    sweep.add_argument("--address", metavar="ADDR", default=None, help="Ray cluster to attach to")
+    sweep.add_argument("--tracking-uri", metavar="URI", default=None, help="MLflow tracking URI")
+    sweep.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    sweep.add_argument("--json", action="store_true", help="print one JSON object")
+    sweep.set_defaults(handler=_bench_sweep)
+
+
+def _bench_data(args: argparse.Namespace) -> int:
+    from evl_platform.bench.data import bench_data
+
+    cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
+    result = bench_data(cfg, workers=args.workers, clips=args.clips, split=args.split)
+    print(json.dumps(result.to_dict()) if args.json else result.render())
+    return 0
+
+
+def _bench_sweep(args: argparse.Namespace) -> int:
+    """``bench sweep``: the ablation with and without frozen-feature reuse."""
+    from evl_platform.bench.common import finish
+    from evl_platform.bench.sweep import bench_sweep
+
+    result = bench_sweep(
+        args.ablation,
+        profile=args.profile,
+        max_concurrent=args.max_concurrent,
+        overrides=args.overrides,
+        address=args.address,
+    )
+    print(
+        finish(
+            result,
+            bench="sweep",
+            track=not args.no_track,
+            tracking_uri=args.tracking_uri,
+            as_json=args.json,
+        )
+    )
+    return 0
+
+
+def _bench_model(args: argparse.Namespace) -> int:
+    """``bench step`` and ``bench infer``: one measurement, printed and logged to MLflow."""
+    from evl_platform.bench.common import finish
+    from evl_platform.bench.infer import bench_infer
+    from evl_platform.bench.step import bench_step
+
+    measure = bench_step if args.bench_command == "step" else bench_infer
+    cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
+    try:
+        result = measure(
+            cfg,
+            batch=args.batch,
+            iters=args.iters,
+            device=args.device,
+            memory_gib=args.memory_gib,
+            threads=args.threads,
+        )
+    except ValueError as err:  # no such device, or architecture problems found while building
+        raise ConfigError(f"{args.config}: {err}") from err
+    text = finish(
+        result,
+        bench=args.bench_command,
+        track=not args.no_track,
+        tracking_uri=args.tracking_uri,
+        as_json=args.json,
+    )
+    print(text)
+    return 0
