@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +22,7 @@ from evl_platform.data.synth import SYNTHETIC_DATASETS
 from evl_platform.report import figures, page, render
 from evl_platform.report.cells import EXPERIMENT_ROWS, finished, measurements
 from evl_platform.report.collect import Collection, collect
+from evl_platform.report.document import Report
 from evl_platform.report.findings import ALL_ROW, NONE_ROW, findings
 from evl_platform.report.paper import PaperColumn, paper_table
 from evl_platform.report.tables import ReportRow, ReportTable, build_tables
@@ -42,25 +43,6 @@ class ReportOptions:
     experiments: Sequence[str] = ()
     profile: str | None = None
     formats: Sequence[str] = DEFAULT_FORMATS
-
-
-@dataclass
-class Report:
-    """Everything the report shows, before it is written."""
-
-    profile: str
-    header: dict[str, str]
-    tables: list[ReportTable]
-    findings: list[str]
-    missing: list[str]
-    figures: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # file -> (caption, png)
-
-    @property
-    def measured(self) -> int:
-        return sum(t.measured for t in self.tables)
-
-    def table(self, table_id: str) -> ReportTable | None:
-        return next((t for t in self.tables if t.id == table_id), None)
 
 
 @dataclass

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import TYPE_CHECKING
 
 from evl_platform.report import render
-
-if TYPE_CHECKING:
-    from evl_platform.report.build import Report
+from evl_platform.report.document import Report
 
 TITLE = "EVL: Frozen CLIP Models are Efficient Video Learners — measured vs paper"
 INTRO = (
