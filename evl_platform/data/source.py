@@ -124,11 +124,11 @@ def read_splits(
 
 
 def image_size(cfg: ExperimentConfig) -> int:
-    """The model's input size in pixels (from the backbone architecture)."""
-    from evl_platform.models import backbone_spec
+    """The clip size in pixels: the backbone's input size
+    (:attr:`evl_platform.models.backbone.BackboneSpec.image_size`, for every model family)."""
+    from evl_platform.models.backbone import backbone_spec
 
-    size = backbone_spec(cfg.model.backbone.name).vision_cfg["image_size"]
-    return size if isinstance(size, int) else size[0]
+    return backbone_spec(cfg.model.backbone.name).image_size
 
 
 def create_dataset(cfg: ExperimentConfig, annotations: Annotations, *, train: bool) -> VideoDataset:

@@ -42,6 +42,13 @@ class BackboneSpec:
     embed_dim: int
     init: str = "open_clip"
 
+    @property
+    def image_size(self) -> int:
+        """Input size in pixels (square): the size of the clips the data pipeline makes, for
+        every model family (a 3D CNN takes the size of the configured backbone too)."""
+        size = self.vision_cfg["image_size"]
+        return size if isinstance(size, int) else size[0]
+
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 # Tiny random-init encoders for the CPU `local` profile and for tests: 8x8 and 4x4 patch

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from evl_platform.config.schema import Cnn3dConfig, ExperimentConfig
+from evl_platform.models.backbone import backbone_spec
 
 
 def conv_bn_relu(
@@ -117,10 +118,8 @@ def create_cnn3d(cfg: ExperimentConfig, *, load_weights: bool = True) -> Cnn3d:
         load_weights: ignored: the network has no pretrained weights (random init from the
             global torch seed, like EVL's decoder).
     """
-    from evl_platform.data.source import image_size  # the clip size the loader produces
-
     stem, blocks = create_blocks(cfg.model.cnn3d)
-    size = image_size(cfg)
+    size = backbone_spec(cfg.model.backbone.name).image_size  # the clips the loader makes
     return Cnn3d(
         stem=stem,
         blocks=blocks,
