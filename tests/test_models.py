@@ -17,18 +17,26 @@ from evl_platform.config.schema import (
     DecoderConfig,
     ExperimentConfig,
     ModelConfig,
+    TemporalModuleSwitch,
 )
+from evl_platform.features.key import tensor_kinds
 from evl_platform.models import (
     BACKBONES,
     FEATURE_SHAPES,
+    BlockFeatures,
     TemporalCrossAttention,
+    TemporalGeometry,
+    TemporalModule,
     adjacent_attention,
     backbone_spec,
     create_backbone,
     create_model,
+    model_info,
+    temporal,
 )
 from evl_platform.models.temporal import relative_position_index
 from evl_platform.models.tiny_init import DCT_SINCOS, init_dct_sincos
+from evl_platform.registry import Registry
 
 TEMPORAL_MODULES = ("temporal_conv", "temporal_pos_embed", "temporal_cross_attn")
 
@@ -141,6 +149,82 @@ def test_ablated_modules_are_none_and_enabled_ones_exist() -> None:
         assert layer.temporal_conv is not None
         assert layer.temporal_pos_embed is None
         assert layer.temporal_cross_attn is None
+
+
+def test_temporal_modules_keep_their_parameter_names_and_order() -> None:
+    """Checkpoints and optimizer states written before the temporal-module registry load."""
+    model = create_model(make_cfg(**{m: True for m in TEMPORAL_MODULES}))
+    names = [name for name, _ in model.decoder.layers[0].named_parameters()]
+    assert [n for n in names if not n.startswith("block.")] == [
+        "temporal_conv.conv.weight",
+        "temporal_conv.conv.bias",
+        "temporal_pos_embed.embedding",
+        "temporal_cross_attn.w_prev",
+        "temporal_cross_attn.w_next",
+    ]
+    assert names.index("temporal_conv.conv.weight") == len(names) - 5  # after the block
+
+
+class AttentionGate(TemporalModule):
+    """A module added the way the registry documents: per frame, how peaked its patches'
+    attention to the previous frame is, times a learned vector."""
+
+    label = "T-Gate"
+    reads = ("attn",)
+
+    def __init__(self, *, width: int) -> None:
+        super().__init__()
+        self.vector = torch.nn.Parameter(torch.linspace(-1.0, 1.0, width))
+
+    @classmethod
+    def create(cls, geometry: TemporalGeometry) -> AttentionGate:
+        return cls(width=geometry.width)
+
+    def term(self, features: BlockFeatures) -> torch.Tensor:
+        maps = (
+            features.attn
+            if features.attn is not None
+            else adjacent_attention(features.q, features.k)
+        )
+        peak = torch.nn.functional.pad(maps[:, 0].amax(dim=-1).mean(dim=-1), (1, 0))  # (N, T)
+        return peak[:, :, None, None] * self.vector  # (N, T, 1, C)
+
+
+class GatedDecoderConfig(DecoderConfig):
+    temporal_gate: TemporalModuleSwitch = True
+
+
+def test_a_new_temporal_module_needs_only_its_class_its_registration_and_its_switch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = Registry("temporal module")
+    for name, module in temporal.TEMPORAL_MODULES.items():
+        registry.add(name, module)
+    registry.register("temporal_gate")(AttentionGate)
+    monkeypatch.setattr(temporal, "TEMPORAL_MODULES", registry)
+    monkeypatch.setattr(temporal, "DecoderConfig", GatedDecoderConfig)
+    temporal.check_temporal_switches()
+    base = make_cfg()
+
+    def gated(on: bool) -> ExperimentConfig:
+        decoder = GatedDecoderConfig(**base.model.decoder.model_dump(), temporal_gate=on)
+        return base.model_copy(update={"model": base.model.model_copy(update={"decoder": decoder})})
+
+    cfg = gated(True)
+    model = create_model(cfg).eval()
+    assert all(isinstance(layer.temporal_gate, AttentionGate) for layer in model.decoder.layers)
+    assert "decoder.layers.1.temporal_gate.vector" in model.state_dict()
+    assert model.decoder.uses_qk  # the backbone hands over q/k for it
+    assert tensor_kinds(cfg) == ("out", "attn")  # the feature cache stores the maps for it
+    info = model_info(cfg)
+    assert info["temporal_modules"] == ["T-Gate"]
+    assert info["new_params"] == model_info(gated(False))["new_params"] + 2 * model.backbone.width
+    video = random_video(model)
+    with torch.no_grad():
+        live = model.extract_features(video)
+        cached = [BlockFeatures(f.out, attn=adjacent_attention(f.q, f.k)) for f in live]
+        assert not torch.allclose(model.classify(live), model(video.flip(2)))
+        torch.testing.assert_close(model.classify(cached), model.classify(live))
 
 
 def _one_step(model: torch.nn.Module) -> None:

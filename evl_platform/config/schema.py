@@ -3,11 +3,26 @@
 Every YAML file is validated into :class:`ExperimentConfig` once, at the boundary; code inside a
 process only ever sees these models. Unknown keys are rejected (``extra="forbid"``) so a typo can
 never silently fall back to a default.
+
+This module is the lowest layer (no torch; models and data import it, never the reverse), so
+it cannot read the registries of the layers above. The ``Literal`` types below that name
+registry entries list the same names, and each registry checks at import that they agree
+(:meth:`evl_platform.registry.Registry.check_names`), naming the file to edit when not:
+
+- ``FeatureShape``: ``FEATURE_SHAPES`` in ``evl_platform/models/decoder.py``;
+- ``AnnotationFormat``: ``ANNOTATION_READERS`` in ``evl_platform/data/annotations.py``;
+- ``VideoDecoder``: ``DECODERS`` in ``evl_platform/data/decode.py``;
+- ``ModelArch``: ``MODEL_BUILDERS`` in ``evl_platform/models/evl.py``;
+- :data:`TemporalModuleSwitch` fields of :class:`DecoderConfig`: ``TEMPORAL_MODULES`` in
+  ``evl_platform/models/temporal.py``, one module per field, under the field's name.
+
+Backbone names have no ``Literal``: ``model.backbone.name`` is any open_clip ViT name, and the
+registered backbones (``BACKBONES`` in ``evl_platform/models/backbone.py``) are the only list.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -20,6 +35,12 @@ AnnotationFormat = Literal["evl_list", "kinetics_csv", "ssv2_json"]
 VideoDecoder = Literal["decord", "pyav"]
 AmpDtype = Literal["none", "float16", "bfloat16"]
 ModelArch = Literal["evl", "cnn3d"]
+
+TEMPORAL_MODULE = "temporal module"
+"""The metadata that marks a :data:`TemporalModuleSwitch` field."""
+TemporalModuleSwitch = Annotated[bool, TEMPORAL_MODULE]
+"""A :class:`DecoderConfig` field that turns on the temporal module registered under the field's
+name in ``evl_platform/models/temporal.py`` (``TEMPORAL_MODULES``)."""
 
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -84,6 +105,8 @@ class DecoderConfig(_Frozen):
         temporal_conv: T-Conv, depthwise temporal convolution.
         temporal_pos_embed: T-PE, learned temporal position embedding.
         temporal_cross_attn: T-CA, attention maps between adjacent frames.
+            Each of the three is a :data:`TemporalModuleSwitch`: it turns on the module
+            registered under its name in ``evl_platform/models/temporal.py``.
         feature_shape: Table 6c feature reduction fed to the decoder.
     """
 
@@ -92,9 +115,9 @@ class DecoderConfig(_Frozen):
     num_heads: int | None = Field(None, ge=1)
     mlp_ratio: float = Field(4.0, gt=0)
     mlp_dropout: float = Field(0.5, ge=0, lt=1)
-    temporal_conv: bool = True
-    temporal_pos_embed: bool = True
-    temporal_cross_attn: bool = False
+    temporal_conv: TemporalModuleSwitch = True
+    temporal_pos_embed: TemporalModuleSwitch = True
+    temporal_cross_attn: TemporalModuleSwitch = False
     feature_shape: FeatureShape = "spatiotemporal"
 
     @model_validator(mode="after")
@@ -114,6 +137,13 @@ class DecoderConfig(_Frozen):
         if self.feature_layers is not None:
             return self.feature_layers
         return tuple(range(-self.num_layers, 0))
+
+    @classmethod
+    def temporal_module_switches(cls) -> tuple[str, ...]:
+        """Names of the :data:`TemporalModuleSwitch` fields, in field order."""
+        return tuple(
+            name for name, field in cls.model_fields.items() if TEMPORAL_MODULE in field.metadata
+        )
 
 
 class HeadConfig(_Frozen):

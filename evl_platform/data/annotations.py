@@ -2,7 +2,9 @@
 
 Each reader turns one split file into :class:`Annotations` (video ids, absolute paths, labels,
 class names in index order), or raises a one-line :class:`AnnotationError` naming the file and
-line or entry. Video files are not checked here (``evl-platform data check`` does that).
+line or entry. Video files are not checked here (``evl-platform data check`` does that). A new
+``data.format`` is a reader registered here in ``ANNOTATION_READERS`` plus its name in
+``AnnotationFormat`` (``evl_platform/config/schema.py``); importing this module checks both agree.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evl_platform.config.schema import AnnotationFormat
 from evl_platform.registry import Registry
 
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
@@ -100,12 +103,10 @@ class _Collector:
 
     def finish(self, class_names: tuple[str, ...]) -> Annotations:
         """The annotations of the file, with the given class order."""
-        source = Path(os.path.abspath(self.path))
-        return Annotations(source, tuple(self.records), class_names)
+        return Annotations(Path(os.path.abspath(self.path)), tuple(self.records), class_names)
 
 
 ANNOTATION_READERS: Registry[Callable[..., Annotations]] = Registry("annotation format")
-"""Reader of each annotation format, named as ``data.format`` in the config."""
 
 
 def read_annotations(
@@ -134,8 +135,7 @@ def read_annotations(
         KeyError: ``format`` is not registered.
         AnnotationError: the file is missing, malformed or names an unknown class.
     """
-    reader = ANNOTATION_READERS.get(format)
-    return reader(
+    return ANNOTATION_READERS.get(format)(
         Path(path),
         root=None if root is None else Path(root),
         label_map=None if label_map is None else Path(label_map),
@@ -309,6 +309,9 @@ def read_ssv2_json(
     return out.finish(names)
 
 
+ANNOTATION_READERS.check_names(AnnotationFormat, literal_name="AnnotationFormat", module=__name__)
+
+
 def _ssv2_id(entry: Any) -> str:
     """The ``id`` of an entry (a JSON int is accepted too)."""
     if not isinstance(entry, dict):
@@ -380,11 +383,9 @@ def _whole_seconds(column: str, text: str) -> int:
 
 
 def _class_subdir_files(base: str, labels: Iterable[str]) -> tuple[set[str], dict[str, set[str]]]:
-    """Names directly under ``base`` and under each ``base/<label>/`` directory.
-
-    Both are empty, without listing anything, when no label has a directory (the flat layout),
-    so a flat dataset costs one ``stat`` per class and none per video.
-    """
+    """Names directly under ``base`` and under each ``base/<label>/`` directory; both empty,
+    without listing anything, when no label has a directory (the flat layout: one ``stat`` per
+    class and none per video)."""
     subdirs = [label for label in labels if os.path.isdir(os.path.join(base, label))]
     try:
         in_subdir = {label: set(os.listdir(os.path.join(base, label))) for label in subdirs}

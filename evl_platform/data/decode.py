@@ -19,6 +19,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from evl_platform.config.schema import VideoDecoder
 from evl_platform.registry import Registry
 
 T = TypeVar("T")
@@ -63,6 +64,7 @@ class VideoReader(Protocol):
 
 
 DECODERS: Registry[Callable[[Path], VideoReader]] = Registry("video decoder")
+"""Reader class of each ``data.decoder``; the names are ``VideoDecoder``'s (checked below)."""
 
 
 class _Closing(abc.ABC):
@@ -132,6 +134,9 @@ class PyAVReader(_Closing):
 
     def close(self) -> None:
         self._frames = []
+
+
+DECODERS.check_names(VideoDecoder, literal_name="VideoDecoder", module=__name__)
 
 
 def check_file(path: Path) -> None:

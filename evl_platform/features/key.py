@@ -24,6 +24,7 @@ from evl_platform.data.annotations import Annotations
 from evl_platform.data.source import DatasetFiles, Split, image_size
 from evl_platform.models.backbone import backbone_spec
 from evl_platform.models.evl import feature_block_indices
+from evl_platform.models.temporal import enabled_temporal_modules
 
 FORMAT_VERSION = 1
 """Bump whenever what is stored for a key, or how, changes."""
@@ -74,8 +75,9 @@ def decoder_layers(cfg: ExperimentConfig) -> tuple[int, ...]:
 
 
 def tensor_kinds(cfg: ExperimentConfig) -> tuple[TensorKind, ...]:
-    """``out``, plus ``attn`` when T-CA reads the block's attention maps."""
-    return ("out", "attn") if cfg.model.decoder.temporal_cross_attn else ("out",)
+    """``out``, plus what the enabled temporal modules read (``attn`` for T-CA's maps)."""
+    modules = enabled_temporal_modules(cfg.model.decoder)
+    return ("out", *sorted({kind for _, module in modules for kind in module.reads}))
 
 
 def split_entries(

@@ -22,10 +22,15 @@ from evl_platform.models.evl import (
 )
 from evl_platform.models.info import count_gmacs, model_info
 from evl_platform.models.temporal import (
+    TEMPORAL_MODULES,
     TemporalConv,
     TemporalCrossAttention,
+    TemporalGeometry,
+    TemporalModule,
     TemporalPositionalEmbedding,
     adjacent_attention,
+    create_temporal_modules,
+    enabled_temporal_modules,
 )
 
 __all__ = [
@@ -33,6 +38,7 @@ __all__ = [
     "EVL",
     "FEATURE_SHAPES",
     "MODEL_BUILDERS",
+    "TEMPORAL_MODULES",
     "BackboneSpec",
     "BlockFeatures",
     "ClassificationHead",
@@ -43,6 +49,8 @@ __all__ = [
     "EVLDecoderLayer",
     "TemporalConv",
     "TemporalCrossAttention",
+    "TemporalGeometry",
+    "TemporalModule",
     "TemporalPositionalEmbedding",
     "adjacent_attention",
     "backbone_spec",
@@ -52,6 +60,8 @@ __all__ = [
     "create_decoder",
     "create_evl",
     "create_model",
+    "create_temporal_modules",
+    "enabled_temporal_modules",
     "load_visual_state_dict",
     "model_info",
 ]

@@ -3,7 +3,9 @@
 Decoder layer i modulates the features of backbone block ``feature_layers[i]`` with its
 temporal modules, ``Y = X + T-Conv(X) + T-PE + T-CA(q, k)``, reduces them to key/value tokens
 (Table 6c feature shape), and refines the query with a pre-norm cross-attention block.
-An ablated temporal module is ``None``.
+An ablated temporal module is ``None``. The layer knows its temporal modules only through
+:class:`~evl_platform.models.temporal.TemporalModule` (``term``, ``reads``), so a new one
+needs no change here.
 """
 
 from __future__ import annotations
@@ -14,16 +16,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from evl_platform.config.schema import FeatureShape
 from evl_platform.models.backbone import BlockFeatures
-from evl_platform.models.temporal import (
-    TemporalConv,
-    TemporalCrossAttention,
-    TemporalPositionalEmbedding,
-)
+from evl_platform.models.temporal import TemporalModule
 from evl_platform.registry import Registry
 
 FeatureReducer = Callable[[torch.Tensor], torch.Tensor]
 FEATURE_SHAPES: Registry[FeatureReducer] = Registry("feature shape")
+"""Reducers by ``model.decoder.feature_shape``; the names are ``FeatureShape``'s (checked below)."""
 
 
 @FEATURE_SHAPES.register("spatiotemporal")
@@ -48,6 +48,9 @@ def temporal_avg(y: torch.Tensor) -> torch.Tensor:
 def spatial_avg(y: torch.Tensor) -> torch.Tensor:
     """Spatial only, mean over time: (N, T, L, C) -> (N, L, C)."""
     return y.mean(dim=1)
+
+
+FEATURE_SHAPES.check_names(FeatureShape, literal_name="FeatureShape", module=__name__)
 
 
 class QuickGELU(nn.Module):
@@ -130,39 +133,30 @@ class EVLDecoderLayer(nn.Module):
     Args:
         block: the cross-attention block.
         reduce: feature-shape reducer, (N, T, L, C) -> (N, S, C).
-        temporal_conv: T-Conv, or ``None`` when ablated.
-        temporal_pos_embed: T-PE, or ``None`` when ablated.
-        temporal_cross_attn: T-CA, or ``None`` when ablated.
+        **temporal: temporal modules by registered name (``temporal_conv=TemporalConv(...)``),
+            their terms added in this order; an ablated module is ``None``. Each becomes the
+            attribute (and parameter prefix) of its name.
     """
 
     def __init__(
-        self,
-        *,
-        block: DecoderBlock,
-        reduce: FeatureReducer,
-        temporal_conv: TemporalConv | None = None,
-        temporal_pos_embed: TemporalPositionalEmbedding | None = None,
-        temporal_cross_attn: TemporalCrossAttention | None = None,
+        self, *, block: DecoderBlock, reduce: FeatureReducer, **temporal: TemporalModule | None
     ) -> None:
         super().__init__()
         self.block = block
         self.reduce = reduce
-        self.temporal_conv = temporal_conv
-        self.temporal_pos_embed = temporal_pos_embed
-        self.temporal_cross_attn = temporal_cross_attn
+        for name, module in temporal.items():
+            self.add_module(name, module)
+        self.temporal_names = tuple(name for name, module in temporal.items() if module is not None)
+
+    @property
+    def reads(self) -> frozenset[str]:
+        """Backbone tensors the temporal modules read besides the block output (``attn``)."""
+        return frozenset(kind for name in self.temporal_names for kind in getattr(self, name).reads)
 
     def forward(self, query: torch.Tensor, features: BlockFeatures) -> torch.Tensor:
-        x = features.out  # (N, T, L, C)
-        y = x  # out of place: several decoder layers may read the same backbone block
-        if self.temporal_conv is not None:
-            y = y + self.temporal_conv(x)
-        if self.temporal_pos_embed is not None:
-            y = y + self.temporal_pos_embed(x)
-        if self.temporal_cross_attn is not None:
-            if features.attn is not None:  # maps cached with the frozen features
-                y = y + self.temporal_cross_attn.forward_maps(features.attn)
-            else:
-                y = y + self.temporal_cross_attn(features.q, features.k)
+        y = features.out  # (N, T, L, C); summed out of place: layers may share a backbone block
+        for name in self.temporal_names:
+            y = y + getattr(self, name).term(features)
         return self.block(query, self.reduce(y))
 
 
@@ -181,8 +175,9 @@ class EVLDecoder(nn.Module):
 
     @property
     def uses_qk(self) -> bool:
-        """Whether any layer needs the backbone's attention queries and keys."""
-        return any(layer.temporal_cross_attn is not None for layer in self.layers)
+        """Whether any layer's temporal modules read the attention between adjacent frames,
+        which the backbone computes from its queries and keys."""
+        return any("attn" in layer.reads for layer in self.layers)
 
     def forward(self, features: Sequence[BlockFeatures]) -> torch.Tensor:
         """Maps one :class:`BlockFeatures` (N, T, L, C) per layer to the query (N, C)."""

@@ -1,4 +1,5 @@
-"""The EVL video classifier: CLIP backbone -> temporal decoder -> linear head."""
+"""The EVL video classifier: CLIP backbone -> temporal decoder -> linear head; and
+``create_model``, which builds the family that ``model.arch`` names (``MODEL_BUILDERS``)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from evl_platform.config.schema import DecoderConfig, ExperimentConfig
+from evl_platform.config.schema import DecoderConfig, ExperimentConfig, ModelArch
 from evl_platform.models.backbone import BlockFeatures, ClipBackbone, create_backbone
 from evl_platform.models.cnn3d import Cnn3d, create_cnn3d
 from evl_platform.models.decoder import FEATURE_SHAPES, DecoderBlock, EVLDecoder, EVLDecoderLayer
-from evl_platform.models.temporal import (
-    TemporalConv,
-    TemporalCrossAttention,
-    TemporalPositionalEmbedding,
-)
+from evl_platform.models.temporal import TemporalGeometry, create_temporal_modules
+from evl_platform.registry import Registry
 
 
 class ClassificationHead(nn.Module):
@@ -130,8 +128,10 @@ def create_decoder(
     grid: tuple[int, int],
     num_frames: int,
 ) -> EVLDecoder:
-    """Builds the decoder, leaving every disabled temporal module as ``None``."""
+    """Builds the decoder with the registered temporal modules ``cfg`` switches on, leaving
+    every disabled one as ``None``."""
     reduce = FEATURE_SHAPES.get(cfg.feature_shape)
+    geometry = TemporalGeometry(width=width, num_frames=num_frames, grid=grid)
     layers = [
         EVLDecoderLayer(
             block=DecoderBlock(
@@ -141,15 +141,7 @@ def create_decoder(
                 mlp_dropout=cfg.mlp_dropout,
             ),
             reduce=reduce,
-            temporal_conv=TemporalConv(width=width) if cfg.temporal_conv else None,
-            temporal_pos_embed=(
-                TemporalPositionalEmbedding(num_frames=num_frames, width=width)
-                if cfg.temporal_pos_embed
-                else None
-            ),
-            temporal_cross_attn=(
-                TemporalCrossAttention(grid=grid, width=width) if cfg.temporal_cross_attn else None
-            ),
+            **create_temporal_modules(cfg, geometry),
         )
         for _ in range(cfg.num_layers)
     ]
@@ -180,8 +172,11 @@ def create_evl(cfg: ExperimentConfig, *, load_weights: bool = True) -> EVL:
     return EVL(backbone=backbone, decoder=decoder, head=head, feature_layers=feature_layers)
 
 
-MODEL_BUILDERS: dict[str, Callable[..., EVL | Cnn3d]] = {"evl": create_evl, "cnn3d": create_cnn3d}
-"""One builder per ``model.arch``."""
+MODEL_BUILDERS: Registry[Callable[..., EVL | Cnn3d]] = Registry("model architecture")
+"""One builder per ``model.arch``; the names are ``ModelArch``'s (checked below)."""
+MODEL_BUILDERS.add("evl", create_evl)
+MODEL_BUILDERS.add("cnn3d", create_cnn3d)
+MODEL_BUILDERS.check_names(ModelArch, literal_name="ModelArch", module=__name__)
 
 
 def create_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> EVL | Cnn3d:
@@ -195,4 +190,4 @@ def create_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> EVL | C
         load_weights: load pretrained weights where the family has any (``False``: seeded
             random init).
     """
-    return MODEL_BUILDERS[cfg.model.arch](cfg, load_weights=load_weights)
+    return MODEL_BUILDERS.get(cfg.model.arch)(cfg, load_weights=load_weights)

@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from evl_platform.config.schema import ExperimentConfig
 from evl_platform.models.cnn3d import Cnn3d
 from evl_platform.models.evl import EVL, create_model
+from evl_platform.models.temporal import enabled_temporal_modules
 
 
 def count_gmacs(model: EVL | Cnn3d, *, num_frames: int) -> float:
@@ -88,15 +89,7 @@ def _evl_fields(cfg: ExperimentConfig, model: EVL) -> dict[str, object]:
         "num_classes": cfg.data.num_classes,
         "decoder_layers": decoder.num_layers,
         "feature_layers": list(model.feature_layers),
-        "temporal_modules": [
-            name
-            for name, on in (
-                ("T-Conv", decoder.temporal_conv),
-                ("T-PE", decoder.temporal_pos_embed),
-                ("T-CA", decoder.temporal_cross_attn),
-            )
-            if on
-        ],
+        "temporal_modules": [module.label for _, module in enabled_temporal_modules(decoder)],
         "feature_shape": decoder.feature_shape,
         "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
     }

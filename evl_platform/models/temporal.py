@@ -1,27 +1,105 @@
-"""EVL's local temporal modules (paper section 3.2): T-Conv, T-PE and T-CA.
+"""EVL's local temporal modules (paper section 3.2): T-Conv, T-PE and T-CA, and their registry.
 
 Each takes the spatiotemporal feature volume of one backbone layer, (N, T, L, C) with the cls
 token at ``L = 0``, and returns a term of the same shape that the decoder layer adds to it.
+
+``TEMPORAL_MODULES`` is the one place the decoder, model info and the feature cache learn which
+temporal modules exist. Adding one takes three files:
+
+1. here: a :class:`TemporalModule` subclass (``label``, ``reads``, ``create``, ``term``),
+   registered with ``@TEMPORAL_MODULES.register("<switch>")``;
+2. ``evl_platform/config/schema.py``: the switch ``<switch>: TemporalModuleSwitch = False`` in
+   ``DecoderConfig`` (the YAML key ``model.decoder.<switch>``); importing this module fails,
+   naming the field to add, while the two disagree;
+3. its test.
+
+:func:`create_temporal_modules` builds the enabled ones for each decoder layer, in
+registration order (the order their terms are added), under their registered names, so the
+names are the parameter names in checkpoints (``decoder.layers.0.temporal_conv.conv.weight``).
+A module whose ``reads`` names ``attn`` makes the backbone return each block's attention queries
+and keys, and the feature cache store T-CA's maps between adjacent frames
+(``evl_platform.features.key.tensor_kinds``). A module that needs a backbone tensor other than
+``out`` and ``attn`` also needs that tensor in ``BlockFeatures`` (``models/backbone.py``) and in
+the feature cache (``features/key.py``, ``features/shard.py``).
 """
 
 from __future__ import annotations
 
+import abc
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from evl_platform.config.schema import DecoderConfig
+from evl_platform.models.backbone import BlockFeatures
+from evl_platform.registry import Registry
 
-class TemporalConv(nn.Module):
+
+@dataclass(frozen=True)
+class TemporalGeometry:
+    """The sizes a temporal module is built for.
+
+    Attributes:
+        width: channels C of the decoder layer's features.
+        num_frames: frames T per clip (``data.num_frames``).
+        grid: patch grid (H, W) of the backbone.
+    """
+
+    width: int
+    num_frames: int
+    grid: tuple[int, int]
+
+
+class TemporalModule(nn.Module, abc.ABC):
+    """A local temporal module of a decoder layer, as the registry knows it.
+
+    Attributes:
+        label: short name in model info and reports (``T-Conv``).
+        reads: backbone tensors it reads besides the block output, as the feature cache names
+            them: ``attn`` for the attention between adjacent frames (live: the block's
+            queries and keys; cached: the maps of :func:`adjacent_attention`).
+    """
+
+    label: ClassVar[str]
+    reads: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    @abc.abstractmethod
+    def create(cls, geometry: TemporalGeometry) -> TemporalModule:
+        """The module of one decoder layer."""
+
+    @abc.abstractmethod
+    def term(self, features: BlockFeatures) -> torch.Tensor:
+        """What the decoder layer adds to ``features.out`` (N, T, L, C); may broadcast."""
+
+
+TEMPORAL_MODULES: Registry[type[TemporalModule]] = Registry("temporal module")
+"""Temporal modules by the name of their ``DecoderConfig`` switch, in the order they apply."""
+
+
+@TEMPORAL_MODULES.register("temporal_conv")
+class TemporalConv(TemporalModule):
     """T-Conv (eq. 5): depthwise Conv1d over time, kernel 3, applied to every token.
 
     Args:
         width: channels C.
     """
 
+    label = "T-Conv"
+
     def __init__(self, *, width: int) -> None:
         super().__init__()
         self.conv = nn.Conv1d(width, width, kernel_size=3, padding=1, groups=width)
+
+    @classmethod
+    def create(cls, geometry: TemporalGeometry) -> TemporalConv:
+        return cls(width=geometry.width)
+
+    def term(self, features: BlockFeatures) -> torch.Tensor:
+        return self(features.out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, length, c = x.shape
@@ -30,7 +108,8 @@ class TemporalConv(nn.Module):
         return y.view(n, length, c, t).permute(0, 3, 1, 2)  # (N, T, L, C)
 
 
-class TemporalPositionalEmbedding(nn.Module):
+@TEMPORAL_MODULES.register("temporal_pos_embed")
+class TemporalPositionalEmbedding(TemporalModule):
     """T-PE (eq. 6): one learned C-vector per frame position, zero-initialised.
 
     Args:
@@ -38,9 +117,18 @@ class TemporalPositionalEmbedding(nn.Module):
         width: channels C.
     """
 
+    label = "T-PE"
+
     def __init__(self, *, num_frames: int, width: int) -> None:
         super().__init__()
         self.embedding = nn.Parameter(torch.zeros(num_frames, width))  # (T, C)
+
+    @classmethod
+    def create(cls, geometry: TemporalGeometry) -> TemporalPositionalEmbedding:
+        return cls(num_frames=geometry.num_frames, width=geometry.width)
+
+    def term(self, features: BlockFeatures) -> torch.Tensor:
+        return self(features.out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frames = x.shape[1]
@@ -142,7 +230,8 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind)
 
 
-class TemporalCrossAttention(nn.Module):
+@TEMPORAL_MODULES.register("temporal_cross_attn")
+class TemporalCrossAttention(TemporalModule):
     """T-CA (eqs. 7-8): attention maps between adjacent frames, projected to C channels.
 
     For patch tokens only (the cls token gets no term), frame t's queries attend to frame t-1's
@@ -172,6 +261,9 @@ class TemporalCrossAttention(nn.Module):
         width: channels C.
     """
 
+    label = "T-CA"
+    reads = ("attn",)
+
     def __init__(self, *, grid: tuple[int, int], width: int) -> None:
         super().__init__()
         offsets = (2 * grid[0] - 1) * (2 * grid[1] - 1)
@@ -182,6 +274,16 @@ class TemporalCrossAttention(nn.Module):
         self.register_buffer(
             "key_rows_reversed", torch.arange(grid[0] - 1, -1, -1), persistent=False
         )
+
+    @classmethod
+    def create(cls, geometry: TemporalGeometry) -> TemporalCrossAttention:
+        return cls(grid=geometry.grid, width=geometry.width)
+
+    def term(self, features: BlockFeatures) -> torch.Tensor:
+        """From the cached maps when the features carry them, else from the queries and keys."""
+        if features.attn is not None:
+            return self.forward_maps(features.attn)
+        return self(features.q, features.k)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Maps per-head queries and keys (N, T, L, H, D) to the T-CA term (N, T, L, C)."""
@@ -260,3 +362,46 @@ def _attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     scale = q.shape[-1] ** -0.5
     logits = torch.matmul((q * scale).transpose(2, 3), k.permute(0, 1, 3, 4, 2))
     return logits.softmax(dim=-1).mean(dim=2)
+
+
+def enabled_temporal_modules(cfg: DecoderConfig) -> list[tuple[str, type[TemporalModule]]]:
+    """The registered temporal modules whose switch is on in ``cfg``, in registration order."""
+    return [(name, module) for name, module in TEMPORAL_MODULES.items() if getattr(cfg, name)]
+
+
+def create_temporal_modules(
+    cfg: DecoderConfig, geometry: TemporalGeometry
+) -> dict[str, TemporalModule | None]:
+    """One decoder layer's temporal modules: every registered name, in registration order, with
+    ``None`` for a module ``cfg`` switches off."""
+    return {
+        name: module.create(geometry) if getattr(cfg, name) else None
+        for name, module in TEMPORAL_MODULES.items()
+    }
+
+
+def check_temporal_switches() -> None:
+    """Checks that every registered temporal module has a switch in ``DecoderConfig`` and every
+    switch a module.
+
+    Raises:
+        RuntimeError: naming each name without its counterpart and the file to edit.
+    """
+    switches = DecoderConfig.temporal_module_switches()
+    here, schema = "evl_platform/models/temporal.py", "evl_platform/config/schema.py"
+    problems = [
+        f"temporal module {name!r} is registered in {here} but DecoderConfig has no switch for "
+        f"it: add `{name}: TemporalModuleSwitch = False` to DecoderConfig in {schema}"
+        for name, _ in TEMPORAL_MODULES.items()
+        if name not in switches
+    ] + [
+        f"DecoderConfig.{name} in {schema} is a TemporalModuleSwitch but no temporal module is "
+        f"registered under {name!r}: register one in {here} or make the field a plain bool"
+        for name in switches
+        if name not in TEMPORAL_MODULES
+    ]
+    if problems:
+        raise RuntimeError("; ".join(problems))
+
+
+check_temporal_switches()
