@@ -207,6 +207,11 @@ def test_infer_reports_latency_throughput_and_model_info_gflops(
     assert result.throughput_batch == CPU_THROUGHPUT_BATCH and result.views == 3
     assert result.max_batch.estimated and result.max_batch.per_sample_bytes > 0
     assert "CPU default" in result.render()
+    assert result.to_dict()["paper"] == {  # Table 3, EVL ViT-B/16 (8)
+        "gflops_per_video": 454.0,
+        "latency_ms": 102.88,
+        "throughput_videos_per_s": 25.53,
+    }
     uri = _store(tmp_path, monkeypatch)
     log_benchmark(result, bench="infer", tracking_uri=uri)
     _, run = _only_run(uri)
@@ -229,6 +234,9 @@ def test_cli_bench_step_json_is_tracked(
     assert out["batch"] == 2 and len(out["results"]) == 4 and out["run_id"]
     assert out["device_name"].endswith("1 torch thread(s)")
     assert out["frozen_open_ratio"]["evl"] > 0 and "CLIP (open) + EVL" in captured.err
+    paper = [(r["paper_max_batch"], r["paper_step_time_s"]) for r in out["results"]]
+    assert paper == [("inf.", 0.57), ("8", 3.39), ("64", 1.03), ("8", 4.41)]  # Table 5
+    assert out["paper_frozen_open_ratio"] == {"gap": 3.39 / 0.57, "evl": 4.41 / 1.03}
     assert _only_run(uri)[1].info.run_id == out["run_id"]
 
 

@@ -1,9 +1,12 @@
-"""The plain-PyTorch training loop, checkpoint state and resume checks (no Ray)."""
+"""The plain-PyTorch training step and loop (cadence, resume, timing, non-finite loss),
+checkpoint state and resume checks (no Ray)."""
 
 from __future__ import annotations
 
 import itertools
 import math
+import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +16,24 @@ import torch
 from evl_platform.config import ExperimentConfig, TrainConfig
 from evl_platform.models import create_model
 from evl_platform.runtime.storage import RunRecord
-from evl_platform.train.errors import ResumeError
+from evl_platform.tracking import names
+from evl_platform.train.errors import NonFiniteLossError, ResumeError
 from evl_platform.train.inputs import StepSampler
 from evl_platform.train.launcher import check_resumable
 from evl_platform.train.loop import (
+    Callback,
     EvalResult,
     EVLForward,
     InputBatch,
+    Optimization,
+    Report,
+    StepResult,
     batches_from,
     create_optimizer,
     create_scaler,
     create_schedule,
     evaluate,
+    fit,
     train_step,
 )
 from evl_platform.train.state import (
@@ -223,3 +232,144 @@ def test_step_sampler_deals_disjoint_batches_and_resumes_mid_epoch() -> None:
     assert [b for _, b in steps] == [(1, 1, 1), (1, 1, 2), (2, 0, 0), (2, 0, 1)]
     with pytest.raises(ValueError, match="larger than the training split"):
         StepSampler(5, rank=0, world=2, batch=3, seed=0)
+
+
+class _Source:
+    """Fixed random batches, ``steps_per_epoch`` per epoch; records what ``fit`` asks for."""
+
+    def __init__(self, *, steps_per_epoch: int = 3, val_seconds: float = 0.0) -> None:
+        self.steps_per_epoch, self.bad_videos, self.val_seconds = steps_per_epoch, 0, val_seconds
+        self.epochs: list[tuple[int, int]] = []
+
+    def train_batches(self, epoch: int, first: int) -> list[InputBatch]:
+        self.epochs.append((epoch, first))
+        return [_batch(seed=epoch * 100 + b) for b in range(first, self.steps_per_epoch)]
+
+    def val_batches(self) -> list[InputBatch]:
+        time.sleep(self.val_seconds)
+        return [_batch(3, views=2, seed=999)]
+
+
+class _Recorder(Callback):
+    """Records every call; sleeps ``pause`` seconds in each logging and report hook."""
+
+    def __init__(self, pause: float = 0.0) -> None:
+        self.pause = pause
+        self.steps: list[int] = []
+        self.losses: dict[int, float] = {}
+        self.train: list[int] = []
+        self.reports: list[Report] = []
+
+    def on_step(self, step: int, result: StepResult) -> None:
+        self.steps.append(step)
+        self.losses[step] = result.loss
+
+    def on_train_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.train.append(step)
+        time.sleep(self.pause)
+
+    def on_report(self, report: Report) -> None:
+        self.reports.append(report)
+        time.sleep(self.pause)
+
+    def validated(self) -> list[int]:
+        return [r.step for r in self.reports if r.validation is not None]
+
+    def checkpoints(self) -> list[int]:
+        return [r.step for r in self.reports if r.checkpoint]
+
+
+def _fit(source: _Source, *callbacks: Callback, start_step: int = 0, **train: object) -> Report:
+    cfg = _cfg("frozen", log_every=3, eval_every=4, checkpoint_every=5, **train)
+    model, net, *_ = _parts(cfg)
+    return fit(
+        net,
+        source,
+        cfg.train,
+        optimization=Optimization.create(model, cfg.train, CPU),
+        start_step=start_step,
+        callbacks=callbacks,
+    )
+
+
+def test_fit_logs_validates_and_checkpoints_on_cadence_and_at_the_last_step() -> None:
+    recorder = _Recorder()
+    last = _fit(_Source(), recorder)
+    assert recorder.steps == list(range(1, 11))
+    assert recorder.train == [3, 6, 9, 10]
+    assert recorder.validated() == [4, 8, 10]
+    assert recorder.checkpoints() == [5, 10]
+    assert [r.step for r in recorder.reports] == [3, 4, 5, 6, 8, 9, 10]
+    assert [r.last for r in recorder.reports] == [False] * 6 + [True]
+    assert last is recorder.reports[-1] and last.checkpoint and last.validation is not None
+    assert set(last.metrics) == {*names.STEP_METRICS, names.BACKBONE_FORWARD_IMAGES} | {
+        *names.EVAL_METRICS
+    }
+    only_checkpoint = recorder.reports[2]
+    assert only_checkpoint.step == 5 and only_checkpoint.metrics == {}
+    # train/loss is the mean over the window of steps since the last logged one
+    assert recorder.reports[0].metrics[names.TRAIN_LOSS] == pytest.approx(
+        np.mean([recorder.losses[s] for s in (1, 2, 3)])
+    )
+    assert recorder.reports[-1].metrics[names.TRAIN_LOSS] == pytest.approx(recorder.losses[10])
+    assert last.metrics[names.VAL_ACC1] == pytest.approx(last.validation.topk(1))
+
+
+def test_fit_resumes_at_the_start_step_mid_epoch() -> None:
+    source, recorder = _Source(steps_per_epoch=3), _Recorder()
+    _fit(source, recorder, start_step=7)
+    assert recorder.steps == [8, 9, 10]
+    assert source.epochs[0] == (2, 1)  # step 7 is batch 1 of epoch 2
+    assert recorder.train == [9, 10] and recorder.validated() == [8, 10]
+    assert recorder.checkpoints() == [10]
+    assert recorder.reports[0].metrics.keys() == set(names.EVAL_METRICS)  # step 8: no window
+    assert recorder.reports[1].metrics[names.TRAIN_LOSS] == pytest.approx(
+        np.mean([recorder.losses[8], recorder.losses[9]])
+    )
+    assert _fit(_Source(), _Recorder(), start_step=10) is None
+
+
+def test_fit_times_only_the_steps() -> None:
+    """Logging, checkpoints and validation take 0.3 s each here; none of it is step time."""
+    pause = 0.3
+    started = time.perf_counter()
+    recorder = _Recorder(pause=pause)
+    last = _fit(_Source(val_seconds=pause), recorder)
+    elapsed = time.perf_counter() - started
+    paused = pause * (len(recorder.train) + len(recorder.reports) + len(recorder.validated()))
+    assert paused == pytest.approx(4.2)
+    assert 0 < last.device_seconds < elapsed - paused + 0.1
+    assert last.metrics[names.DEVICE_HOURS] == pytest.approx(last.device_seconds / 3600)
+    device = [r.device_seconds for r in recorder.reports]
+    assert device == sorted(device)  # cumulative
+
+
+class _Poison(Callback):
+    def __init__(self, at: int, value: float) -> None:
+        self.at, self.value, self.model = at, value, None
+
+    def on_step(self, step: int, result: StepResult) -> None:
+        if step == self.at:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    if p.requires_grad:
+                        p.fill_(self.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_fit_stops_at_the_first_non_finite_loss(value: float) -> None:
+    cfg = _cfg("frozen", log_every=2, eval_every=100, checkpoint_every=100)
+    model, net, *_ = _parts(cfg)
+    poison, recorder = _Poison(at=3, value=value), _Recorder()
+    poison.model = model
+    with pytest.raises(NonFiniteLossError, match=r"^step 4: the training loss is nan") as error:
+        fit(
+            net,
+            _Source(),
+            cfg.train,
+            optimization=Optimization.create(model, cfg.train, CPU),
+            callbacks=[poison, recorder],
+        )
+    assert (error.value.step, math.isnan(error.value.loss)) == (4, True)
+    assert recorder.steps == [1, 2, 3] and [r.step for r in recorder.reports] == [2]
+    assert pickle.loads(pickle.dumps(error.value)).step == 4  # crosses from a Ray worker

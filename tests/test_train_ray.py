@@ -2,7 +2,9 @@
 
 Each test trains the micro backbone on the small motion stand-in for a few steps: the store
 must then hold exactly one run with every logged step, the config and the per-video scores,
-also across a worker failure, a killed driver (``--resume``) and frozen-feature reuse.
+also across a worker failure, a killed driver (``--resume``) and frozen-feature reuse; a
+loss that goes non-finite fails the run. Failures are injected by worker hooks defined here,
+which reach the workers pickled by value.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import ray.cloudpickle
+import torch
 import yaml
 from conftest import layout_data, write_config
 from mlflow.tracking import MlflowClient
+from ray.train import TrainingFailedError
 
 from evl_platform.cli import main
 from evl_platform.config import ExperimentConfig, flatten_config
@@ -29,8 +35,10 @@ from evl_platform.models.info import model_info
 from evl_platform.runtime.storage import RUN_RECORD
 from evl_platform.tracking import names
 from evl_platform.train.launcher import TrainOptions, train
+from evl_platform.train.worker import WorkerStep
 
 pytestmark = pytest.mark.usefixtures("ray_local")
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import it
 
 FIXED_VIEWS = {"random_resized_crop": None, "rand_augment": None, "horizontal_flip": False}
 
@@ -70,6 +78,39 @@ def _runs(tmp_path: Path) -> list:
 def _steps(tmp_path: Path, run_id: str, key: str) -> list[int]:
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+@dataclass
+class FailOnce:
+    """Makes the last worker raise at ``step``, once: the marker file records that it did."""
+
+    step: int
+    marker: str
+
+    def __call__(self, event: WorkerStep) -> None:
+        marker = Path(self.marker)
+        if event.step == self.step and event.rank == event.world - 1 and not marker.exists():
+            marker.write_text(f"failed at step {event.step}\n")
+            raise RuntimeError(f"injected failure at step {event.step} (rank {event.rank})")
+
+
+@dataclass
+class PoisonWeights:
+    """Sets every trainable weight to NaN after ``step``; rank 0 appends a line per attempt."""
+
+    step: int
+    marker: str
+
+    def __call__(self, event: WorkerStep) -> None:
+        if event.step != self.step:
+            return
+        with torch.no_grad():
+            for p in event.model.parameters():
+                if p.requires_grad:
+                    p.fill_(float("nan"))
+        if event.rank == 0:
+            with open(self.marker, "a") as file:
+                file.write(f"poisoned after step {event.step}\n")
 
 
 def test_two_workers_make_one_complete_run(tmp_path: Path, motion_small: SyntheticLayout) -> None:
@@ -123,7 +164,7 @@ def test_worker_failure_restarts_from_checkpoint_into_the_same_run(
 ) -> None:
     cfg = _config(tmp_path, motion_small, reuse=True)
     marker = tmp_path / "failed.txt"
-    train(cfg, _options(tmp_path, fail_at_step=7, fail_marker=str(marker)))
+    train(cfg, _options(tmp_path, worker_hooks=[FailOnce(7, str(marker))]))
 
     assert marker.read_text() == "failed at step 7\n"  # the failure really happened
     [run] = _runs(tmp_path)
@@ -132,6 +173,25 @@ def test_worker_failure_restarts_from_checkpoint_into_the_same_run(
     assert _steps(tmp_path, run.info.run_id, names.VAL_ACC1) == [6, 12]
     checkpoints = sorted(p.name for p in (tmp_path / "storage").glob("*/checkpoint_0*"))
     assert checkpoints[-1] == "checkpoint_00000012"
+
+
+def test_non_finite_loss_fails_the_run_after_its_restarts(
+    tmp_path: Path, motion_small: SyntheticLayout
+) -> None:
+    """A NaN loss stops the workers; Ray Train restarts them from the last checkpoint
+    (``train.max_failures`` times: it has no per-error policy), the loss goes NaN again, and
+    the run ends FAILED with the step and the loss in the error."""
+    cfg = _config(tmp_path, motion_small, reuse=True, num_steps=8, max_failures=1)
+    marker = tmp_path / "poisoned.txt"
+    with pytest.raises(TrainingFailedError, match=r"step 6: the training loss is nan"):
+        train(cfg, _options(tmp_path, worker_hooks=[PoisonWeights(5, str(marker))]))
+
+    assert marker.read_text() == "poisoned after step 5\n" * 2  # the first run and one restart
+    [run] = _runs(tmp_path)
+    assert run.info.status == "FAILED"
+    assert _steps(tmp_path, run.info.run_id, names.TRAIN_LOSS) == [2, 4]
+    checkpoints = sorted(p.name for p in (tmp_path / "storage").glob("*/checkpoint_0*"))
+    assert checkpoints == ["checkpoint_00000004"]
 
 
 def test_resume_after_the_driver_is_killed(tmp_path: Path, motion_small: SyntheticLayout) -> None:

@@ -4,7 +4,8 @@ One video is every test view (``data.test_views.total`` clips of ``data.num_fram
 with the class scores averaged over views. Latency is one video at a time; throughput is in
 videos/s at the largest batch that fits (CUDA: out-of-memory search) or, on CPU, at a given
 batch beside an estimate of the largest one. AMP per ``train.amp`` on CUDA; inputs are fake
-clips already on the device.
+clips already on the device. The paper's figures come from its Table 3
+(:mod:`evl_platform.bench.paper`).
 """
 
 from __future__ import annotations
@@ -38,15 +39,11 @@ from evl_platform.bench.common import (
     timed_runs,
     with_backbone,
 )
+from evl_platform.bench.paper import paper_infer
 from evl_platform.config import ExperimentConfig
 from evl_platform.models import create_model, model_info
 
 CPU_THROUGHPUT_BATCH = 4
-PAPER_INFER = {  # Table 3: EVL ViT-B/16, 8 frames x 3 views, Kinetics-400, V100-32G, AMP
-    "gflops_per_video": 454.0,
-    "latency_ms": 102.88,
-    "throughput_videos_per_s": 25.53,
-}
 
 
 @dataclass
@@ -101,13 +98,13 @@ class InferBench:
             "num_frames": self.cfg.data.num_frames,
             **fields,
             "max_batch": self.max_batch.to_dict(),
-            "paper": PAPER_INFER,
+            "paper": paper_infer(),
         }
 
     def render(self) -> str:
         """The printed table and notes."""
         cfg = self.cfg
-        paper = PAPER_INFER
+        paper = paper_infer()
         lines = [
             f"bench infer: {cfg.name} (profile {cfg.profile}, {cfg.data.dataset}, "
             f"{cfg.model.backbone.name} {cfg.model.backbone.mode}, {cfg.data.num_frames} frames "

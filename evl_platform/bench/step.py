@@ -3,8 +3,10 @@
 Four models share one batch size: a frozen or open (finetuned) CLIP backbone, under either a
 global-average-pool head (per-frame CLIP embeddings averaged over frames, then a linear
 classifier) or the EVL decoder head. One step is forward + backward + AdamW update on fake
-data (random normalised clips, random labels), with AMP per ``train.amp`` on CUDA. A batch
-larger than the largest that fits runs as equal chunks with gradient accumulation.
+data (random normalised clips, random labels), with AMP per ``train.amp`` on CUDA: the
+training loop's own :func:`~evl_platform.train.loop.train_step`, optimizer, schedule and loss
+scaler. A batch larger than the largest that fits runs as equal chunks with gradient
+accumulation. The paper's figures come from its Table 5 (:mod:`evl_platform.bench.paper`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from evl_platform.bench.common import (
@@ -25,7 +26,6 @@ from evl_platform.bench.common import (
     MaxBatch,
     Progress,
     amp_label,
-    autocast,
     cpu_threads,
     cuda_memory_budget,
     cuda_peak_bytes,
@@ -41,45 +41,24 @@ from evl_platform.bench.common import (
     timed_runs,
     with_backbone,
 )
+from evl_platform.bench.heads import create_bench_model
+from evl_platform.bench.paper import paper_ratio, paper_step
 from evl_platform.config import ExperimentConfig
-from evl_platform.models import ClipBackbone, create_backbone, create_model
+from evl_platform.train.loop import (
+    EVLForward,
+    InputBatch,
+    amp_dtype,
+    create_optimizer,
+    create_scaler,
+    create_schedule,
+    train_step,
+)
 
 COMBINATIONS = (("frozen", "gap"), ("open", "gap"), ("frozen", "evl"), ("open", "evl"))
-PAPER_STEP = {  # Table 5: V100-16G, 64 samples, 4 decoder layers -> (max batch, step time s)
-    ("frozen", "gap"): ("inf.", 0.57),
-    ("open", "gap"): ("8", 3.39),
-    ("frozen", "evl"): ("64", 1.03),
-    ("open", "evl"): ("8", 4.41),
-}
 HEAD_NAMES = {"gap": "global average pool", "evl": "EVL"}
-
-
-class GapClassifier(nn.Module):
-    """The paper's baseline head: CLIP embedding per frame, averaged over frames, then linear.
-
-    Args:
-        backbone: the image encoder (its ``forward`` is the CLIP embedding).
-        num_classes: output classes.
-    """
-
-    def __init__(self, *, backbone: ClipBackbone, num_classes: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.fc = nn.Linear(backbone.visual.output_dim, num_classes)
-
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """Maps (N, 3, T, H, W) clips to (N, classes) logits."""
-        n, _, t = video.shape[:3]
-        embedding = self.backbone(video.transpose(1, 2).flatten(0, 1))  # (N*T, D)
-        return self.fc(embedding.float().unflatten(0, (n, t)).mean(1))  # (N, classes)
-
-
-def create_bench_model(cfg: ExperimentConfig, head: str) -> nn.Module:
-    """The EVL model of ``cfg``, or its backbone under a global-average-pool head."""
-    if head == "evl":
-        return create_model(cfg, load_weights=False)
-    backbone = create_backbone(cfg.model.backbone, load_weights=False)
-    return GapClassifier(backbone=backbone, num_classes=cfg.data.num_classes)
+# A modest initial loss scale, so that float16 steps are not skipped for overflow while the
+# scaler settles: every timed step includes the AdamW update.
+LOSS_SCALE = 2.0**8
 
 
 @dataclass
@@ -113,7 +92,7 @@ class StepResult:
 
     def to_dict(self) -> dict:
         """JSON-ready fields, with the paper's figures."""
-        paper_batch, paper_time = PAPER_STEP[(self.backbone, self.head)]
+        paper_batch, paper_time = paper_step(self.backbone, self.head)
         return {
             **{k: v for k, v in self.__dict__.items() if k != "max_batch"},
             "max_batch": self.max_batch.to_dict(),
@@ -143,7 +122,7 @@ class StepBench:
         return next(r for r in self.results if (r.backbone, r.head) == (backbone, head))
 
     def ratio(self, head: str, *, fastest: bool = False) -> float | None:
-        """Open over frozen median (or fastest) step time (paper, EVL: 4.41 / 1.03 = 4.3x)."""
+        """Open over frozen median (or fastest) step time (the paper's: :func:`paper_ratio`)."""
         frozen, opened = self.result("frozen", head), self.result("open", head)
         if not frozen.step_times_s or not opened.step_times_s:
             return None
@@ -177,7 +156,7 @@ class StepBench:
             **fields,
             "results": [r.to_dict() for r in self.results],
             "frozen_open_ratio": {head: self.ratio(head) for head in ("gap", "evl")},
-            "paper_frozen_open_ratio": {"gap": 3.39 / 0.57, "evl": 4.41 / 1.03},
+            "paper_frozen_open_ratio": {head: paper_ratio(head) for head in ("gap", "evl")},
         }
 
     def render(self) -> str:
@@ -216,7 +195,7 @@ def render_step(bench: StepBench) -> str:
         f"{'step (s)':>10}{'fastest':>9}{'paper batch':>13}{'paper (s)':>11}  backbone grads",
     ]
     for r in bench.results:
-        paper_batch, paper_time = PAPER_STEP[(r.backbone, r.head)]
+        paper_batch, paper_time = paper_step(r.backbone, r.head)
         step, fastest = (
             ("n/a", "n/a")
             if r.step_time_s is None
@@ -234,40 +213,40 @@ def render_step(bench: StepBench) -> str:
 
 def _ratio_line(bench: StepBench) -> str:
     parts = []
-    for head, paper in (("evl", 4.41 / 1.03), ("gap", 3.39 / 0.57)):
+    for head in ("evl", "gap"):
+        paper = paper_ratio(head)
         ratio, fastest = bench.ratio(head), bench.ratio(head, fastest=True)
         shown = "n/a" if ratio is None else f"{ratio:.2f}x (fastest steps {fastest:.2f}x)"
         parts.append(f"{HEAD_NAMES[head]} {shown}, paper {paper:.2f}x")
     return "  open/frozen step time: " + "; ".join(parts)
 
 
-def _optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.AdamW:
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-
 def make_step(
     model: nn.Module, cfg: ExperimentConfig, *, batch: int, micro: int, device: torch.device
 ) -> Callable[[], None]:
-    """One training step on fixed fake data: ``batch`` samples in chunks of at most ``micro``."""
-    optimizer = _optimizer(model, cfg)
-    # A modest initial loss scale, so that float16 steps are not skipped for overflow while
-    # the scaler settles: every timed step includes the AdamW update.
-    scaler = torch.amp.GradScaler(
-        device.type, init_scale=2.0**8, enabled=device.type == "cuda" and cfg.train.amp == "float16"
-    )
+    """One :func:`~evl_platform.train.loop.train_step` on fixed fake data: ``batch`` samples
+    in chunks of at most ``micro`` (``train.amp`` autocast and loss scaling on CUDA)."""
+    optimizer = create_optimizer(model, cfg.train)
+    scheduler = create_schedule(optimizer, cfg.train)
+    amp = amp_dtype(cfg.train, device)
+    scaler = create_scaler(device, amp, init_scale=LOSS_SCALE)
     size = model.backbone.image_size
     clips = fake_clips(batch, num_frames=cfg.data.num_frames, image_size=size, device=device)
     labels = torch.randint(cfg.data.num_classes, (batch,), device=device)
+    fake = InputBatch(clips, labels, torch.arange(batch))
+    net = EVLForward(model)
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        for x, y in zip(clips.split(micro), labels.split(micro), strict=True):
-            with autocast(device, cfg.train.amp):
-                loss = F.cross_entropy(model(x), y) * (len(y) / batch)
-            scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(
+            net,
+            fake,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            device=device,
+            amp=amp,
+            batch_split=math.ceil(batch / micro),
+        )
 
     return step
 

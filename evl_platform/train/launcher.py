@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -32,6 +32,9 @@ from evl_platform.runtime.storage import (
 from evl_platform.tracking import Tracker, git_commit, names
 from evl_platform.train.errors import ResumeError
 from evl_platform.train.state import architecture_changes
+
+if TYPE_CHECKING:
+    from evl_platform.train.worker import WorkerHook
 
 FINAL_FILES = "final"
 
@@ -54,8 +57,13 @@ class TrainOptions:
         parent_run_id: nest the MLflow run under this run (sweeps).
         tags: extra MLflow tags (e.g. ``variant``).
         callbacks: extra Ray Train callbacks (e.g. Tune's report callback).
-        fail_at_step / fail_marker: make the last worker raise once at this step (testing the
-            automatic restart); the marker file records that it happened.
+        worker_hooks: functions every worker calls after every step with a
+            :class:`~evl_platform.train.worker.WorkerStep` (step, rank, world, model, loss):
+            watch or change the run from outside it (tests inject failures with one). They
+            travel to the workers with cloudpickle, so a function defined in a module the
+            workers cannot import must be registered for pickling by value
+            (``ray.cloudpickle.register_pickle_by_value``); an exception one raises is a
+            worker failure.
         check_storage: on a cluster, refuse storage that not every node shares (see
             :func:`evl_platform.runtime.cluster.check_shared`); a sweep checks once for all trials.
     """
@@ -72,8 +80,7 @@ class TrainOptions:
     parent_run_id: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
     callbacks: Sequence[Any] = ()
-    fail_at_step: int | None = None
-    fail_marker: str | None = None
+    worker_hooks: Sequence[WorkerHook] = ()
     check_storage: bool = True
 
 
@@ -191,7 +198,9 @@ def train(cfg: ExperimentConfig, options: TrainOptions | None = None) -> TrainOu
 
     Raises:
         ResumeError: ``--resume`` finds no run or the architecture changed.
-        ray.train.TrainingFailedError: the workers failed more than ``train.max_failures``.
+        ray.train.TrainingFailedError: the workers failed more than ``train.max_failures``
+            times; a non-finite loss (:class:`~evl_platform.train.errors.NonFiniteLossError`,
+            named in the message) recurs on every restart and so ends here.
     """
     from evl_platform.data.source import read_splits
 
@@ -283,8 +292,7 @@ def _fit(
         train_loop_config={
             "experiment": cfg.model_dump(mode="json"),
             "run_id": record.run_id,
-            "fail_at_step": options.fail_at_step,
-            "fail_marker": options.fail_marker,
+            "worker_hooks": list(options.worker_hooks),
         },
         scaling_config=ScalingConfig(
             num_workers=options.num_workers,

@@ -1,254 +1,69 @@
-"""The training and evaluation loop in plain PyTorch (no Ray: the Ray worker wraps it).
+"""The training loop in plain PyTorch (no Ray: the Ray worker wraps it, supplying callbacks).
 
-A batch's inputs are either decoded clips, (N, C, T, H, W), or backbone features read from
-the frozen-feature cache, one :class:`BlockFeatures` per decoder layer with (N, T, L, C)
-tensors. Evaluation batches carry a view axis after N; softmax scores are averaged over views.
+:func:`fit` runs the steps from a start step to ``train.num_steps``: it keeps the metric
+window, times the steps (logging, validation and checkpoints excluded), validates every
+``train.eval_every`` steps, asks for a checkpoint every ``train.checkpoint_every`` steps, logs
+every ``train.log_every`` steps (the last step does all three) and stops at the first
+non-finite loss. What happens with the results (all-reduce over workers, reports, checkpoint
+files, progress lines) is up to the :class:`Collective` and the :class:`Callback` objects it
+is given. One step and its optimizer: :mod:`evl_platform.train.step`; batches:
+:mod:`evl_platform.train.batch`; evaluation: :mod:`evl_platform.train.evaluation` (their
+public names are re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from evl_platform.config import TrainConfig
-from evl_platform.models import BlockFeatures
+from evl_platform.tracking import names
+from evl_platform.train.batch import InputBatch, map_inputs, to_device
+from evl_platform.train.errors import NonFiniteLossError
+from evl_platform.train.evaluation import EvalResult, evaluate
+from evl_platform.train.step import (
+    EVLForward,
+    Optimization,
+    StepResult,
+    amp_dtype,
+    create_optimizer,
+    create_scaler,
+    create_schedule,
+    train_step,
+)
 
-Inputs = torch.Tensor | list[BlockFeatures]
-_AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class InputBatch:
-    """One batch for the loop, whatever produced it.
-
-    Attributes:
-        inputs: clips (N, C, T, H, W) / (N, V, C, T, H, W), or per-layer features with
-            (N, T, ...) / (N, V, T, ...) tensors.
-        labels: (N,) class indices.
-        indices: (N,) dataset positions of the items.
-    """
-
-    inputs: Inputs
-    labels: torch.Tensor
-    indices: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def map_inputs(inputs: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
-    """Applies ``fn`` to the clip tensor or to every feature tensor."""
-    if isinstance(inputs, torch.Tensor):
-        return fn(inputs)
-
-    def apply(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else fn(x)
-
-    return [BlockFeatures(fn(f.out), apply(f.q), apply(f.k), apply(f.attn)) for f in inputs]
-
-
-def to_device(inputs: Inputs, device: torch.device) -> Inputs:
-    """Moves inputs to ``device`` (non-blocking from pinned memory)."""
-    return map_inputs(inputs, lambda x: x.to(device, non_blocking=True))
-
-
-class EVLForward(nn.Module):
-    """Lets one ``forward`` (and so DDP's gradient hooks) take clips or cached features.
-
-    Args:
-        model: the EVL model.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: Inputs) -> torch.Tensor:
-        """(N, classes) logits: full model on clips, decoder + head on cached features."""
-        if isinstance(inputs, torch.Tensor):
-            return self.model(inputs)
-        return self.model.classify(inputs)
-
-
-def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only (a frozen backbone has none)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def create_schedule(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up for ``warmup_steps``, then cosine decay to zero at ``num_steps``
-    (with no warm-up this is the official code's ``CosineAnnealingLR(T_max=num_steps)``)."""
-    warmup, total = cfg.warmup_steps, cfg.num_steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: ``train.amp`` on CUDA, none on CPU."""
-    return _AMP_DTYPES.get(cfg.amp) if device.type == "cuda" else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Mixed precision when ``dtype`` is set, a no-op otherwise."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def create_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
-    """Loss scaling, enabled for float16 autocast only."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-
-@dataclass
-class StepResult:
-    """Loss and top-1 hits of one optimisation step on this worker."""
-
-    loss: float
-    hits: int
-    clips: int
-
-
-def train_step(
-    model: EVLForward | nn.parallel.DistributedDataParallel,
-    batch: InputBatch,
-    *,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    amp: torch.dtype | None,
-    batch_split: int = 1,
-) -> StepResult:
-    """Forward, backward and update on one batch, split into ``batch_split`` sequential chunks
-    whose gradients accumulate (the official ``--batch_split``); DDP syncs only the last."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    inputs, labels = to_device(batch.inputs, device), batch.labels.to(device)
-    size = len(labels)
-    chunk = math.ceil(size / batch_split)
-    loss_sum, hits = 0.0, 0
-    starts = range(0, size, chunk)
-    for i, start in enumerate(starts):
-        part = slice(start, start + chunk)
-        sync = i == len(starts) - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync():
-            with autocast(device, amp):
-                logits = model(map_inputs(inputs, lambda x, p=part: x[p]))
-                loss = F.cross_entropy(logits.float(), labels[part])
-            scaler.scale(loss * (len(labels[part]) / size)).backward()
-        loss_sum += loss.item() * len(labels[part])
-        hits += int((logits.argmax(-1) == labels[part]).sum())
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    return StepResult(loss=loss_sum / size, hits=hits, clips=size)
-
-
-@dataclass
-class EvalResult:
-    """View-averaged validation scores of the videos one worker (or all) evaluated.
-
-    Attributes:
-        indices: (N,) dataset positions of the videos.
-        labels: (N,) true classes.
-        probs: (N, classes) softmax probabilities averaged over views.
-        seconds: wall time spent.
-    """
-
-    indices: np.ndarray
-    labels: np.ndarray
-    probs: np.ndarray
-    seconds: float = 0.0
-
-    @staticmethod
-    def merge(parts: Sequence[EvalResult]) -> EvalResult:
-        """Joins per-worker results, one row per video (first occurrence), sorted by index."""
-        indices = np.concatenate([p.indices for p in parts])
-        _, first = np.unique(indices, return_index=True)
-        return EvalResult(
-            indices=indices[first],
-            labels=np.concatenate([p.labels for p in parts])[first],
-            probs=np.concatenate([p.probs for p in parts])[first],
-            seconds=max((p.seconds for p in parts), default=0.0),
-        )
-
-    @property
-    def loss(self) -> float:
-        """Cross-entropy of the view-averaged probabilities."""
-        picked = self.probs[np.arange(len(self.labels)), self.labels]
-        return float(-np.log(np.clip(picked, 1e-12, None)).mean())
-
-    def topk(self, k: int) -> float:
-        """Top-k accuracy in percent."""
-        k = min(k, self.probs.shape[1])
-        top = np.argsort(-self.probs, axis=1)[:, :k]
-        return float((top == self.labels[:, None]).any(axis=1).mean() * 100)
-
-    def confusion(self, num_classes: int) -> np.ndarray:
-        """(classes, classes) counts, rows = true class, columns = predicted class."""
-        matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-        np.add.at(matrix, (self.labels, self.probs.argmax(1)), 1)
-        return matrix
-
-    def per_class_accuracy(self, num_classes: int) -> np.ndarray:
-        """Top-1 accuracy (percent) of each class; NaN for classes with no video."""
-        matrix = self.confusion(num_classes)
-        totals = matrix.sum(1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(totals > 0, np.diag(matrix) / totals * 100, np.nan)
-
-
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[InputBatch],
-    *,
-    device: torch.device,
-    amp: torch.dtype | None,
-) -> EvalResult:
-    """Multi-view evaluation: every view of a video is classified and the softmax
-    probabilities are averaged over views (paper: 3 temporal x 1 spatial)."""
-    model.eval()
-    start = time.perf_counter()
-    indices, labels, probs = [], [], []
-    with torch.inference_mode():
-        for batch in batches:
-            inputs = to_device(batch.inputs, device)
-            n, views = len(batch), _num_views(inputs)
-            flat = map_inputs(inputs, lambda x: x.flatten(0, 1))  # (N * V, ...)
-            with autocast(device, amp):
-                logits = model(flat).float()
-            probs.append(logits.softmax(-1).unflatten(0, (n, views)).mean(1).cpu().numpy())
-            labels.append(batch.labels.numpy())
-            indices.append(batch.indices.numpy())
-    return EvalResult(
-        indices=np.concatenate(indices).astype(np.int64),
-        labels=np.concatenate(labels).astype(np.int64),
-        probs=np.concatenate(probs).astype(np.float32),
-        seconds=time.perf_counter() - start,
-    )
-
-
-def _num_views(inputs: Inputs) -> int:
-    tensor = inputs if isinstance(inputs, torch.Tensor) else inputs[0].out
-    return tensor.shape[1]
+__all__ = [
+    "Callback",
+    "Collective",
+    "EVLForward",
+    "EvalResult",
+    "InputBatch",
+    "Optimization",
+    "Report",
+    "SingleProcess",
+    "StepResult",
+    "StepTimer",
+    "TrainSource",
+    "Window",
+    "amp_dtype",
+    "batches_from",
+    "create_optimizer",
+    "create_scaler",
+    "create_schedule",
+    "evaluate",
+    "fit",
+    "map_inputs",
+    "to_device",
+    "train_metrics",
+    "train_step",
+    "validation_metrics",
+]
 
 
 class StepTimer:
@@ -278,3 +93,241 @@ def batches_from(step: int, steps_per_epoch: int, epoch_batches: Callable) -> It
             yield step, batch
             step += 1
         epoch, first = epoch + 1, 0
+
+
+class TrainSource(Protocol):
+    """Where :func:`fit` takes its batches from (:mod:`evl_platform.train.inputs`)."""
+
+    steps_per_epoch: int
+    bad_videos: int
+
+    def train_batches(self, epoch: int, first: int) -> Iterable[InputBatch]:
+        """This worker's training batches of ``epoch`` from batch ``first`` on."""
+        ...
+
+    def val_batches(self) -> Iterable[InputBatch]:
+        """This worker's share of the validation videos, all views."""
+        ...
+
+
+class Collective(Protocol):
+    """How the workers of one data-parallel run combine what each of them measured."""
+
+    world: int
+
+    def all_sum(self, values: Sequence[float]) -> list[float]:
+        """The element-wise sums of ``values`` over all workers."""
+        ...
+
+    def gather(self, result: EvalResult) -> EvalResult:
+        """Every worker's validation scores, merged."""
+        ...
+
+
+class SingleProcess:
+    """The :class:`Collective` of a run on one process: sums and gathers change nothing."""
+
+    world = 1
+
+    def all_sum(self, values: Sequence[float]) -> list[float]:
+        return [float(v) for v in values]
+
+    def gather(self, result: EvalResult) -> EvalResult:
+        return result
+
+
+@dataclass
+class Window:
+    """Training statistics of this worker's steps since the last logged step.
+
+    Attributes:
+        loss_sum: loss times clips, summed.
+        hits: top-1 hits.
+        clips: clips trained on.
+        seconds: wall time of the steps (batch loading and the update; not logging,
+            validation or checkpoints).
+    """
+
+    loss_sum: float = 0.0
+    hits: int = 0
+    clips: int = 0
+    seconds: float = 0.0
+
+    def add(self, result: StepResult, seconds: float) -> None:
+        self.loss_sum += result.loss * result.clips
+        self.hits += result.hits
+        self.clips += result.clips
+        self.seconds += seconds
+
+
+@dataclass
+class Report:
+    """What one step that logs, validates or checkpoints hands to :meth:`Callback.on_report`.
+
+    Attributes:
+        step: steps done (1-based).
+        metrics: the train metrics (logging steps) and validation metrics (validation steps),
+            over all workers, by their names in :mod:`evl_platform.tracking.names`.
+        checkpoint: a checkpoint is due at this step.
+        last: this is step ``train.num_steps``.
+        device_seconds: step time summed over workers and all steps logged so far.
+        validation: the merged validation scores, on validation steps.
+    """
+
+    step: int
+    metrics: dict[str, float]
+    checkpoint: bool
+    last: bool
+    device_seconds: float
+    validation: EvalResult | None = field(default=None, repr=False)
+
+
+class Callback:
+    """What :func:`fit` tells the code around it; every hook does nothing unless overridden."""
+
+    def on_step(self, step: int, result: StepResult) -> None:
+        """After every optimisation step (with a finite loss); ``step`` counts steps done."""
+
+    def on_train_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """At a logging step, with the train metrics over all workers, before validation."""
+
+    def on_report(self, report: Report) -> None:
+        """At every step that logs, validates or checkpoints, after validation."""
+
+
+def fit(
+    net: EVLForward | nn.parallel.DistributedDataParallel,
+    source: TrainSource,
+    cfg: TrainConfig,
+    *,
+    optimization: Optimization,
+    start_step: int = 0,
+    device_seconds: float = 0.0,
+    collective: Collective | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> Report | None:
+    """Trains from ``start_step`` to ``cfg.num_steps``.
+
+    Every ``cfg.log_every`` steps the metric window is summed over the workers and turned into
+    train metrics, every ``cfg.eval_every`` steps the model is validated, every
+    ``cfg.checkpoint_every`` steps a checkpoint is due (the callbacks write it); the last step
+    does all three. The step time excludes the time spent in these.
+
+    Args:
+        net: the model under :class:`EVLForward` (DDP-wrapped with several workers).
+        source: the batches.
+        cfg: the schedule (``num_steps``, ``log_every``, ``eval_every``, ``checkpoint_every``,
+            ``batch_split``).
+        optimization: optimizer, schedule, scaler, device and autocast dtype.
+        start_step: steps already done (a resumed run's restored step).
+        device_seconds: device time already spent (restored with the step).
+        collective: how the workers' numbers combine (default: one process).
+        callbacks: told about every step, every logging step and every report.
+
+    Returns:
+        The last step's report; ``None`` if ``start_step`` is already ``cfg.num_steps``.
+
+    Raises:
+        NonFiniteLossError: a step's loss on this worker is NaN or infinite.
+    """
+    if start_step >= cfg.num_steps:
+        return None
+    collective = collective or SingleProcess()
+    window, timer = Window(), StepTimer()
+    for step, batch in batches_from(start_step, source.steps_per_epoch, source.train_batches):
+        result = _step(net, batch, optimization, cfg.batch_split)
+        window.add(result, timer.lap())
+        done = step + 1
+        if not math.isfinite(result.loss):
+            raise NonFiniteLossError(done, result.loss)
+        for callback in callbacks:
+            callback.on_step(done, result)
+        last = done == cfg.num_steps
+        metrics: dict[str, float] = {}
+        if done % cfg.log_every == 0 or last:
+            metrics, seconds = train_metrics(window, net, source, optimization, collective)
+            device_seconds += seconds
+            metrics[names.DEVICE_HOURS] = device_seconds / 3600
+            for callback in callbacks:
+                callback.on_train_metrics(done, metrics)
+            window = Window()
+        validation = None
+        if done % cfg.eval_every == 0 or last:
+            local = evaluate(
+                net, source.val_batches(), device=optimization.device, amp=optimization.amp
+            )
+            validation = collective.gather(local)
+            metrics |= validation_metrics(validation)
+        checkpoint = done % cfg.checkpoint_every == 0 or last
+        if metrics or checkpoint:
+            report = Report(done, metrics, checkpoint, last, device_seconds, validation)
+            for callback in callbacks:
+                callback.on_report(report)
+            if last:
+                return report
+            timer.lap()  # logging, validation and checkpoints are not step time
+    raise AssertionError("unreachable: batches_from never ends")
+
+
+def _step(
+    net: nn.Module, batch: InputBatch, optimization: Optimization, batch_split: int
+) -> StepResult:
+    return train_step(
+        net,
+        batch,
+        optimizer=optimization.optimizer,
+        scheduler=optimization.scheduler,
+        scaler=optimization.scaler,
+        device=optimization.device,
+        amp=optimization.amp,
+        batch_split=batch_split,
+    )
+
+
+def train_metrics(
+    window: Window,
+    net: nn.Module,
+    source: TrainSource,
+    optimization: Optimization,
+    collective: Collective,
+) -> tuple[dict[str, float], float]:
+    """The train metrics of a window summed over the workers, and its device seconds."""
+    loss_sum, hits, clips, seconds, bad, images = collective.all_sum(
+        [
+            window.loss_sum,
+            window.hits,
+            window.clips,
+            window.seconds,
+            source.bad_videos,
+            _forward_images(net),
+        ]
+    )
+    wall = seconds / collective.world
+    metrics = {
+        names.TRAIN_LOSS: loss_sum / clips,
+        names.TRAIN_ACC1: hits / clips * 100,
+        names.TRAIN_LR: optimization.optimizer.param_groups[0]["lr"],
+        names.TRAIN_CLIPS_PER_S: clips / wall if wall > 0 else 0.0,
+        names.BAD_VIDEOS: bad,
+        names.BACKBONE_FORWARD_IMAGES: images,
+    }
+    return metrics, seconds
+
+
+def validation_metrics(result: EvalResult) -> dict[str, float]:
+    """Loss, top-1/top-5, mean per-class accuracy and throughput of merged scores."""
+    num_classes = result.probs.shape[1]
+    return {
+        names.VAL_LOSS: result.loss,
+        names.VAL_ACC1: result.topk(1),
+        names.VAL_ACC5: result.topk(5),
+        names.VAL_MEAN_CLASS_ACC: float(np.nanmean(result.per_class_accuracy(num_classes))),
+        names.VAL_CLIPS_PER_S: len(result.labels) / max(result.seconds, 1e-9),
+    }
+
+
+def _forward_images(net: nn.Module) -> int:
+    """Images the model's backbone has encoded (none while training on cached features)."""
+    if isinstance(net, nn.parallel.DistributedDataParallel):
+        net = net.module
+    return net.model.forward_images

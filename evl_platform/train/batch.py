@@ -1,0 +1,60 @@
+"""One batch of the loop, whatever produced it, and the helpers that move or cast it.
+
+A batch's inputs are either decoded clips, (N, C, T, H, W), or backbone features read from
+the frozen-feature cache, one :class:`BlockFeatures` per decoder layer with (N, T, L, C)
+tensors. Evaluation batches carry a view axis after N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from evl_platform.models import BlockFeatures
+
+Inputs = torch.Tensor | list[BlockFeatures]
+
+
+@dataclass
+class InputBatch:
+    """One batch for the loop, whatever produced it.
+
+    Attributes:
+        inputs: clips (N, C, T, H, W) / (N, V, C, T, H, W), or per-layer features with
+            (N, T, ...) / (N, V, T, ...) tensors.
+        labels: (N,) class indices.
+        indices: (N,) dataset positions of the items.
+    """
+
+    inputs: Inputs
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def map_inputs(inputs: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
+    """Applies ``fn`` to the clip tensor or to every feature tensor."""
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+
+    def apply(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else fn(x)
+
+    return [BlockFeatures(fn(f.out), apply(f.q), apply(f.k), apply(f.attn)) for f in inputs]
+
+
+def to_device(inputs: Inputs, device: torch.device) -> Inputs:
+    """Moves inputs to ``device`` (non-blocking from pinned memory)."""
+    return map_inputs(inputs, lambda x: x.to(device, non_blocking=True))
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision when ``dtype`` is set, a no-op otherwise."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

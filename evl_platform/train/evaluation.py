@@ -1,0 +1,102 @@
+"""Multi-view evaluation and its scores (softmax probabilities averaged over views)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from evl_platform.train.batch import InputBatch, Inputs, autocast, map_inputs, to_device
+
+
+@dataclass
+class EvalResult:
+    """View-averaged validation scores of the videos one worker (or all) evaluated.
+
+    Attributes:
+        indices: (N,) dataset positions of the videos.
+        labels: (N,) true classes.
+        probs: (N, classes) softmax probabilities averaged over views.
+        seconds: wall time spent.
+    """
+
+    indices: np.ndarray
+    labels: np.ndarray
+    probs: np.ndarray
+    seconds: float = 0.0
+
+    @staticmethod
+    def merge(parts: Sequence[EvalResult]) -> EvalResult:
+        """Joins per-worker results, one row per video (first occurrence), sorted by index."""
+        indices = np.concatenate([p.indices for p in parts])
+        _, first = np.unique(indices, return_index=True)
+        return EvalResult(
+            indices=indices[first],
+            labels=np.concatenate([p.labels for p in parts])[first],
+            probs=np.concatenate([p.probs for p in parts])[first],
+            seconds=max((p.seconds for p in parts), default=0.0),
+        )
+
+    @property
+    def loss(self) -> float:
+        """Cross-entropy of the view-averaged probabilities."""
+        picked = self.probs[np.arange(len(self.labels)), self.labels]
+        return float(-np.log(np.clip(picked, 1e-12, None)).mean())
+
+    def topk(self, k: int) -> float:
+        """Top-k accuracy in percent."""
+        k = min(k, self.probs.shape[1])
+        top = np.argsort(-self.probs, axis=1)[:, :k]
+        return float((top == self.labels[:, None]).any(axis=1).mean() * 100)
+
+    def confusion(self, num_classes: int) -> np.ndarray:
+        """(classes, classes) counts, rows = true class, columns = predicted class."""
+        matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        np.add.at(matrix, (self.labels, self.probs.argmax(1)), 1)
+        return matrix
+
+    def per_class_accuracy(self, num_classes: int) -> np.ndarray:
+        """Top-1 accuracy (percent) of each class; NaN for classes with no video."""
+        matrix = self.confusion(num_classes)
+        totals = matrix.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(totals > 0, np.diag(matrix) / totals * 100, np.nan)
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[InputBatch],
+    *,
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> EvalResult:
+    """Multi-view evaluation: every view of a video is classified and the softmax
+    probabilities are averaged over views (paper: 3 temporal x 1 spatial)."""
+    model.eval()
+    start = time.perf_counter()
+    indices, labels, probs = [], [], []
+    with torch.inference_mode():
+        for batch in batches:
+            inputs = to_device(batch.inputs, device)
+            n, views = len(batch), _num_views(inputs)
+            flat = map_inputs(inputs, lambda x: x.flatten(0, 1))  # (N * V, ...)
+            with autocast(device, amp):
+                logits = model(flat).float()
+            probs.append(logits.softmax(-1).unflatten(0, (n, views)).mean(1).cpu().numpy())
+            labels.append(batch.labels.numpy())
+            indices.append(batch.indices.numpy())
+    return EvalResult(
+        indices=np.concatenate(indices).astype(np.int64),
+        labels=np.concatenate(labels).astype(np.int64),
+        probs=np.concatenate(probs).astype(np.float32),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _num_views(inputs: Inputs) -> int:
+    tensor = inputs if isinstance(inputs, torch.Tensor) else inputs[0].out
+    return tensor.shape[1]
