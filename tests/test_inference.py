@@ -58,6 +58,10 @@ def test_evaluate_reproduces_the_run_and_logs_other_views(
     assert same["metrics"][names.EVAL_ACC1] == before[names.VAL_ACC1]
     assert same["metrics"][names.EVAL_LOSS] == pytest.approx(before[names.VAL_LOSS], rel=1e-6)
 
+    status, two = _run_json([*argv, "--num-workers", "2", "--no-track"], capsys)
+    assert status == 0 and two["run_id"] is None  # two Ray tasks, each every other video
+    assert two["metrics"][names.EVAL_ACC1] == before[names.VAL_ACC1]
+
     status, other = _run_json([*argv, "--views", "1x1"], capsys)
     assert status == 0 and other["views"] == "1x1"
     assert other["metrics"][names.EVAL_LOSS] != same["metrics"][names.EVAL_LOSS]

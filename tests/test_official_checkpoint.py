@@ -3,6 +3,7 @@ every tensor lands in its place, and a config that cannot fit is refused by name
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,17 @@ from tests.conftest import write_config
 LAYERS, FRAMES, CLASSES = 2, 8, 10
 
 
-def _config(tmp_path: Path, *, tca: bool = True, frames: int = FRAMES) -> ExperimentConfig:
+def _config(
+    tmp_path: Path, *, tca: bool = True, frames: int = FRAMES, mode: str = "frozen"
+) -> ExperimentConfig:
     data = {"dataset": "synthetic-motion", "format": "ssv2_json", "num_frames": frames}
+    data["augment"] = {"random_resized_crop": None, "rand_augment": None, "horizontal_flip": False}
     decoder = {"num_layers": LAYERS, "temporal_cross_attn": tca}
     return write_config(
         tmp_path / "exp.yaml",
         data,
         name="official",
-        model={"backbone": {"name": "micro-vit"}, "decoder": decoder},
+        model={"backbone": {"name": "micro-vit", "mode": mode}, "decoder": decoder},
     )
 
 
@@ -141,3 +145,89 @@ def test_cli_reports_keys_by_name_and_refuses_a_partial_model(
     assert not (tmp_path / "partial.evl.pt").exists()
     assert main([*argv, "--allow-partial"]) == 0
     assert (tmp_path / "partial.evl.pt").exists()
+
+
+def official_backbone(visual_state: dict) -> dict:
+    """Our open_clip visual tower in the official ``VisionTransformer2D`` layout (the layout
+    the official finetune mode saves under ``backbone.``): q/k/v split, patch conv flattened."""
+    out = {
+        "backbone.cls_token": visual_state["class_embedding"],
+        "backbone.pos_embed": visual_state["positional_embedding"],
+        "backbone.patch_embed.proj.weight": visual_state["conv1.weight"].flatten(1),
+        "backbone.patch_embed.proj.bias": torch.zeros(visual_state["conv1.weight"].shape[0]),
+        "backbone.ln_pre.weight": visual_state["ln_pre.weight"],
+        "backbone.ln_pre.bias": visual_state["ln_pre.bias"],
+    }
+    names = {"ln_1": "norm1", "ln_2": "norm2", "mlp.c_fc": "fc1", "mlp.c_proj": "fc2"}
+    blocks = {int(k.split(".")[2]) for k in visual_state if k.startswith("transformer.resblocks.")}
+    for i in sorted(blocks):
+        src, dst = f"transformer.resblocks.{i}.", f"backbone.blocks.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = visual_state[f"{src}attn.in_proj_{kind}"].chunk(3)
+            out |= {f"{dst}attn.q_proj.{kind}": q, f"{dst}attn.k_proj.{kind}": k}
+            out[f"{dst}attn.v_proj.{kind}"] = v
+            out[f"{dst}attn.out_proj.{kind}"] = visual_state[f"{src}attn.out_proj.{kind}"]
+            for ours, theirs in names.items():
+                target = f"{dst}mlp.{theirs}" if theirs.startswith("fc") else dst + theirs
+                out[f"{target}.{kind}"] = visual_state[f"{src}{ours}.{kind}"]
+    return out
+
+
+def test_a_finetuned_official_backbone_lands_in_the_clip_tower(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, mode="finetune")
+    source = _seeded_visual(cfg)
+    state = {k.removeprefix("module."): v for k, v in official_state(*_dims(cfg)).items()}
+    model, report = import_official(state | official_backbone(source), cfg)
+    assert report.complete, report.summary()
+    mine = model.backbone.visual.state_dict()
+    trained = [k.removeprefix("backbone.visual.") for k in report.weights if "backbone." in k]
+    assert "conv1.weight" in trained and "transformer.resblocks.1.attn.in_proj_weight" in trained
+    for key in trained:
+        assert torch.equal(mine[key], source[key]), key
+
+
+def _seeded_visual(cfg: ExperimentConfig) -> dict:
+    from evl_platform.models import create_model
+
+    g = torch.Generator().manual_seed(7)
+    visual = create_model(cfg, load_weights=False).backbone.visual.state_dict()
+    return {k: torch.randn(v.shape, generator=g) for k, v in visual.items()}
+
+
+def test_register_makes_the_import_a_run_that_predicts(
+    tmp_path: Path, motion_small, capsys: pytest.CaptureFixture
+) -> None:
+    from tests.conftest import layout_data
+
+    cfg = write_config(
+        tmp_path / "exp.yaml",
+        layout_data(motion_small),
+        name="official",
+        model={
+            "backbone": {"name": "micro-vit"},
+            "decoder": {"num_layers": LAYERS, "temporal_cross_attn": True},
+        },
+    )
+    torch.save({"model": official_state(*_dims(cfg))}, tmp_path / "official.pth")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = [
+        "import-checkpoint",
+        str(tmp_path / "official.pth"),
+        "--config",
+        str(tmp_path / "exp.yaml"),
+    ]
+    assert main([*argv, "--register", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    run_id = out.split("MLflow run ")[1].split()[0]
+    video = str(next(Path(motion_small.root).rglob(f"*{motion_small.video_extension}")))
+    assert main(["predict", run_id, video, "--tracking-uri", uri, "--json", "--topk", "2"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found[0]["path"] == video and len(found[0]["top"]) == 2
+    import mlflow.pyfunc
+    import pandas as pd
+
+    mlflow.set_tracking_uri(uri)
+    frame = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(
+        pd.DataFrame({"video": [video]})
+    )
+    assert frame["label"][0] == found[0]["top"][0]["class"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -154,9 +155,8 @@ def _predict(args: argparse.Namespace) -> int:
     from evl_platform.inference.runs import build_model
 
     trained = resolve_run(args.run, config=args.config, tracking_uri=args.tracking_uri)
-    cfg = with_views(trained.cfg, args.views)
-    trained.cfg = cfg
-    classifier = create_classifier(cfg, build_model(trained))
+    trained = dataclasses.replace(trained, cfg=with_views(trained.cfg, args.views))
+    classifier = create_classifier(trained.cfg, build_model(trained))
     found = classifier.predict(args.videos)
     names = classifier.class_names
     if args.json:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -101,6 +102,13 @@ def save_pyfunc(
     (staging / names.ARTIFACT_CONFIG).write_text(config_text)
     (staging / _CLASSES_FILE).write_text(json.dumps(list(class_names)))
     target = directory / names.ARTIFACT_MODEL
+    with warnings.catch_warnings():  # an example input would be a video file on this machine
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        _save(target, staging, weights, class_names)
+    return target
+
+
+def _save(target: Path, staging: Path, weights: Path, class_names: Sequence[str]) -> None:
     mlflow.pyfunc.save_model(
         path=str(target),
         python_model=EVLPyfuncModel(),
@@ -112,7 +120,6 @@ def save_pyfunc(
         signature=signature(class_names),
         pip_requirements=requirements(),
     )
-    return target
 
 
 def log_pyfunc(
