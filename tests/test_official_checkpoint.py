@@ -223,6 +223,10 @@ def test_register_makes_the_import_a_run_that_predicts(
     assert main(["predict", run_id, video, "--tracking-uri", uri, "--json", "--topk", "2"]) == 0
     found = json.loads(capsys.readouterr().out)
     assert found[0]["path"] == video and len(found[0]["top"]) == 2
+    weights = str(tmp_path / "official.evl.pt")  # the written file, with its config
+    argv = ["predict", weights, video, "--config", str(tmp_path / "exp.yaml"), "--topk", "2"]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == found
     import mlflow.pyfunc
     import pandas as pd
 

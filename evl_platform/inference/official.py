@@ -170,7 +170,10 @@ def import_official(
         InferenceError: the config does not fit the checkpoint (see :func:`check_config`).
     """
     check_config(state, cfg)
-    model = create_model(cfg, load_weights=load_backbone)
+    try:
+        model = create_model(cfg, load_weights=load_backbone)
+    except (ValueError, KeyError) as err:  # an architecture the config cannot build
+        raise InferenceError(f"the config's model cannot be built: {err}") from err
     blocks = model.backbone.num_layers
     if model.feature_layers != tuple(range(blocks - len(model.feature_layers), blocks)):
         raise InferenceError(

@@ -20,6 +20,7 @@ from torch import nn
 from evl_platform.config import ExperimentConfig, TestViewsConfig, load_config
 from evl_platform.inference.errors import InferenceError
 from evl_platform.serving.classifier import WeightsMismatch, load_trained
+from evl_platform.serving.pyfunc import quiet_artifact_copies
 from evl_platform.tracking import names
 from evl_platform.tracking.client import Tracker
 
@@ -97,7 +98,7 @@ def resolve_run(
     tracker = Tracker(tracking_uri)
     run = _find_run(tracker, ref)
     experiment = tracker.client.get_experiment(run.info.experiment_id).name
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, quiet_artifact_copies():
         cfg_file = _download(tracker, run.info.run_id, names.ARTIFACT_CONFIG, scratch)
         weights_file = _download(tracker, run.info.run_id, names.ARTIFACT_WEIGHTS, scratch)
         cfg = ExperimentConfig.model_validate(yaml.safe_load(Path(cfg_file).read_text()))

@@ -10,10 +10,12 @@ importable where it is loaded (``mlflow models serve --env-manager local``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -102,16 +104,32 @@ def save_pyfunc(
     (staging / names.ARTIFACT_CONFIG).write_text(config_text)
     (staging / _CLASSES_FILE).write_text(json.dumps(list(class_names)))
     target = directory / names.ARTIFACT_MODEL
-    with warnings.catch_warnings():  # an example input would be a video file on this machine
+    with warnings.catch_warnings(), quiet_artifact_copies():
+        # an example input would be a video file of this machine
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         _save(target, staging, weights, class_names)
     return target
 
 
+@contextlib.contextmanager
+def quiet_artifact_copies() -> Iterator[None]:
+    """No "Downloading artifacts" bars while MLflow copies the local artifacts."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def _save(target: Path, staging: Path, weights: Path, class_names: Sequence[str]) -> None:
     mlflow.pyfunc.save_model(
         path=str(target),
-        python_model=EVLPyfuncModel(),
+        python_model=str(Path(__file__).with_name("model_code.py")),  # no pickled objects
         artifacts={
             "config": str(staging / names.ARTIFACT_CONFIG),
             "weights": str(weights),
