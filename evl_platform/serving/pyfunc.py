@@ -21,6 +21,7 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 import yaml
 from mlflow.models import ModelSignature
@@ -29,6 +30,7 @@ from mlflow.types import ColSpec, Schema
 from evl_platform.config import ExperimentConfig
 from evl_platform.serving.classifier import VideoClassifier, load_trained
 from evl_platform.tracking import names
+from evl_platform.tracking.artifacts import LABEL, VIDEO_ID
 from evl_platform.tracking.client import Tracker
 
 VIDEO_COLUMN = "video"
@@ -161,7 +163,13 @@ def log_pyfunc(
 
 def log_run_model(tracker: Tracker, run_id: str, config_text: str, directory: Path) -> None:
     """Logs a finished training run's MLflow model from its final files (``directory``
-    holding ``weights.pt``); nothing when there are no weights."""
+    holding ``weights.pt`` and, when validation ran, ``val_scores.parquet``, whose columns
+    name the classes); nothing when there are no weights."""
     weights = directory / names.ARTIFACT_WEIGHTS
-    if weights.is_file():
-        log_pyfunc(tracker, run_id, config_text=config_text, weights=weights)
+    if not weights.is_file():
+        return
+    scores, class_names = directory / names.ARTIFACT_SCORES, None
+    if scores.is_file():
+        columns = pq.read_schema(scores).names
+        class_names = [c for c in columns if c not in (VIDEO_ID, LABEL)]
+    log_pyfunc(tracker, run_id, config_text=config_text, weights=weights, class_names=class_names)
