@@ -20,6 +20,8 @@ from evl_platform.data import cli as data_cli
 from evl_platform.data.annotations import AnnotationError
 from evl_platform.data.errors import DataSourceError
 from evl_platform.ensemble import cli as ensemble_cli
+from evl_platform.inference import cli as inference_cli
+from evl_platform.inference.errors import InferenceError
 from evl_platform.report import cli as report_cli
 from evl_platform.runtime.cluster import SharedStorageError
 from evl_platform.sweep.spec import AblationError
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_command(commands)
     ensemble_cli.add_parser(commands)
     report_cli.add_parser(commands)
+    inference_cli.add_parser(commands)
     data_cli.add_parser(commands)
     bench_cli.add_parser(commands)
     return parser
@@ -248,7 +251,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataSourceError as err:  # a data.* value: name the experiment file too
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
-    except (ConfigError, AnnotationError, ResumeError, AblationError, SharedStorageError) as err:
+    except (
+        ConfigError,
+        AnnotationError,
+        ResumeError,
+        AblationError,
+        SharedStorageError,
+        InferenceError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ConnectionError as err:  # --address / $RAY_ADDRESS names no reachable cluster

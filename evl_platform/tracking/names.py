@@ -98,3 +98,18 @@ ENSEMBLE_GAIN = "ensemble/gain"  # acc1_best - acc1_a: the paper's delta
 ENSEMBLE_GAIN_BEST_MEMBER = "ensemble/gain_best_member"  # acc1_best - max(acc1_a, acc1_b)
 ARTIFACT_ENSEMBLE_CURVE = "ensemble_curve.csv"  # alpha,acc1
 ARTIFACT_ENSEMBLE_PLOT = "ensemble_curve.png"  # accuracy vs alpha, members marked
+
+# After training (evl_platform.inference): evaluations of a trained run under chosen views,
+# one run each (kind "evaluation", linked to the run it evaluates), and imported checkpoints.
+KIND_EVALUATION = "evaluation"  # value of TAG_KIND
+KIND_IMPORT = "import"  # an official checkpoint imported by `evl-platform import-checkpoint`
+TAG_EVALUATED_RUN = "eval.source_run"  # the evaluated run's id
+TAG_IMPORTED_FROM = "import.source"  # the imported checkpoint file
+PARAM_EVAL_SPLIT = "eval.split"
+PARAM_EVAL_VIEWS = "eval.views"  # "TxS": temporal x spatial views
+EVAL_LOSS = "eval/loss"
+EVAL_ACC1 = "eval/acc1"
+EVAL_ACC5 = "eval/acc5"
+EVAL_MEAN_CLASS_ACC = "eval/mean_class_acc1"
+EVAL_CLIPS_PER_S = "eval/clips_per_s"
+ARTIFACT_MODEL = "model"  # the MLflow (pyfunc) model directory of a trained or imported run

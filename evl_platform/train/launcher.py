@@ -319,6 +319,9 @@ def _finish(result: Any, record: RunRecord, storage: str, tracker: Tracker) -> T
             final = Path(directory) / FINAL_FILES
             for path in sorted(final.iterdir()) if final.is_dir() else ():
                 tracker.log_artifact(record.run_id, path)
+            from evl_platform.serving.pyfunc import log_run_model  # the run's MLflow model
+
+            log_run_model(tracker, record.run_id, record.config, final)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     return TrainOutcome(
         run_id=record.run_id,
