@@ -159,7 +159,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from evl_platform.sweep.runner import SweepOptions, dry_run_table, plan, run_sweep
+    from evl_platform.sweep.plan import dry_run_table
+    from evl_platform.sweep.runner import SweepOptions, plan, run_sweep
 
     options = SweepOptions(
         profile=args.profile,
@@ -171,11 +172,11 @@ def _sweep(args: argparse.Namespace) -> int:
         storage_path=args.storage_path,
         overrides=args.overrides,
     )
+    planned = plan(args.ablation, options)
     if args.dry_run:
-        ablation, trials = plan(args.ablation, options)
-        print(dry_run_table(ablation, trials))
+        print(dry_run_table(planned))
         return 0
-    outcome = run_sweep(args.ablation, options)
+    outcome = run_sweep(planned, options)
     print()
     print(outcome.table.terminal())
     if outcome.ensembles is not None:
@@ -248,8 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except DataSourceError as err:  # a data.* value: name the experiment file too
-        print(f"error: {args.config}: {err}", file=sys.stderr)
+    except DataSourceError as err:  # a data.* value: name the experiment file too, if any
+        where = getattr(args, "config", None)
+        print(f"error: {where + ': ' if where else ''}{err}", file=sys.stderr)
         return 2
     except (
         ConfigError,

@@ -9,6 +9,7 @@ import pytest
 from evl_platform.config import (
     ConfigError,
     ExperimentConfig,
+    apply_overrides,
     dump_config,
     flatten_config,
     load_config,
@@ -115,6 +116,10 @@ def test_flatten_config_uses_dotted_keys() -> None:
 # --- overrides ---------------------------------------------------------------------------------
 
 K400 = "experiments/k400_vitb16_8f.yaml"
+_DECODER_KEYS = (
+    "num_layers, feature_layers, num_heads, mlp_ratio, mlp_dropout, temporal_conv, "
+    "temporal_pos_embed, temporal_cross_attn, feature_shape"
+)
 
 
 def test_overrides_are_parsed_as_yaml() -> None:
@@ -209,6 +214,49 @@ def test_parse_override() -> None:
     assert parse_override("a=x=y") == ("a", "x=y")
 
 
+def test_apply_overrides_sets_values_on_a_resolved_config(tmp_path: Path) -> None:
+    cfg = load_config(K400, profile="local")
+    before = cfg.model_dump()
+    applied = apply_overrides(
+        cfg,
+        {"train.lr": 1e-3, "model.head.dropout": 0.25, "data.root": "videos"},
+        base_dir=tmp_path,
+    )
+    assert (applied.train.lr, applied.model.head.dropout) == (1e-3, 0.25)
+    assert applied.data.root == str(tmp_path / "videos")
+    assert cfg.model_dump() == before  # a new config; the resolved one is unchanged
+    # the same values as --set give the same config
+    overrides = ["train.lr=0.001", "model.head.dropout=0.25", f"data.root={tmp_path / 'videos'}"]
+    assert applied == load_config(K400, profile="local", overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (
+            {"model.decoder.num_layrs": 3},
+            "sample: model.decoder.num_layrs=3: unknown key 'num_layrs' "
+            f"(allowed: {_DECODER_KEYS})",
+        ),
+        (
+            {"train.lr.x": 1},
+            "sample: train.lr.x=1: unknown key 'x' (train.lr is float > 0, not a mapping)",
+        ),
+        (
+            {"model.decoder.num_layers": "four"},
+            "sample: model.decoder.num_layers: expected int >= 1, got 'four' "
+            '(set in model.decoder.num_layers="four")',
+        ),
+        ({"profile": "paper"}, 'sample: profile="paper": the profile and its overlays were'),
+        ({"train..lr": 1}, "sample: train..lr=1: expected a dotted key"),
+    ],
+)
+def test_apply_overrides_names_the_source_and_the_key(values: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(load_config(K400), values, source="sample")
+    assert str(info.value).startswith(expected)
+
+
 # --- bases, paths, names -----------------------------------------------------------------------
 
 
@@ -259,10 +307,6 @@ def test_resolved_config_has_no_overlays() -> None:
 
 # --- broken files ------------------------------------------------------------------------------
 
-_DECODER_KEYS = (
-    "num_layers, feature_layers, num_heads, mlp_ratio, mlp_dropout, temporal_conv, "
-    "temporal_pos_embed, temporal_cross_attn, feature_shape"
-)
 BROKEN_CASES = {
     "unknown_key": f"model.decoder: unknown key 'num_layrs' (allowed: {_DECODER_KEYS})",
     "wrong_type": "model.decoder.num_layers: expected int >= 1, got 'four'",

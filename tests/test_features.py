@@ -22,6 +22,7 @@ from evl_platform.features import (
     FeatureStats,
     FeatureStore,
     MissingFeatures,
+    extraction_identity,
     prepare_features,
     split_entries,
     view_data,
@@ -184,6 +185,34 @@ def test_key_covers_everything_that_changes_features(
     assert base.isdisjoint(touched) and _keys(_load(path), "val") == val
     video.unlink()
     assert touched.isdisjoint(_keys(_load(path)))
+
+
+def test_extraction_identity_tells_which_configs_read_the_same_entries(
+    tmp_path: Path, motion_small: SyntheticLayout
+) -> None:
+    path = _config(tmp_path, _layout_data(motion_small))
+    base = _load(path)
+    for override in (  # the head side of a config: the same entries
+        "train.lr=0.001",
+        "train.num_steps=3",
+        "model.decoder.temporal_conv=false",
+        "model.head.dropout=0.1",
+        "seed=4",
+    ):
+        cfg = _load(path, override)
+        assert extraction_identity(cfg) == extraction_identity(base), override
+        for split in ("train", "val"):
+            assert _key_list(cfg, split) == _key_list(base, split), override
+    for override in (  # what the backbone reads or writes: other entries
+        "data.num_frames=4",
+        "model.backbone.init_seed=1",
+        "features.dtype=float32",
+        "features.train_views=3",
+        "model.decoder.feature_layers=[0,1]",
+        "model.decoder.temporal_cross_attn=true",
+        f"features.cache_dir={tmp_path / 'elsewhere'}",
+    ):
+        assert extraction_identity(_load(path, override)) != extraction_identity(base), override
 
 
 def test_concurrent_runs_leave_one_complete_entry_each(

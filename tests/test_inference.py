@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 import pytest
+from conftest import layout_data, write_bad_videos, write_config
 from mlflow.tracking import MlflowClient
 
 from evl_platform.cli import main
@@ -15,7 +16,6 @@ from evl_platform.data.synth import SyntheticLayout
 from evl_platform.ensemble.scores import load_scores
 from evl_platform.tracking import names
 from evl_platform.train.launcher import TrainOptions, train
-from tests.conftest import layout_data, write_bad_videos, write_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_config
 
 from evl_platform.cli import main
 from evl_platform.config import ExperimentConfig
 from evl_platform.inference.errors import InferenceError
 from evl_platform.inference.official import import_official, read_official
 from evl_platform.inference.runs import TrainedModel, build_model
-from tests.conftest import write_config
 
 LAYERS, FRAMES, CLASSES = 2, 8, 10
 
@@ -197,7 +197,7 @@ def _seeded_visual(cfg: ExperimentConfig) -> dict:
 def test_register_makes_the_import_a_run_that_predicts(
     tmp_path: Path, motion_small, capsys: pytest.CaptureFixture
 ) -> None:
-    from tests.conftest import layout_data
+    from conftest import layout_data
 
     cfg = write_config(
         tmp_path / "exp.yaml",

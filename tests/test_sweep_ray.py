@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from evl_platform.cli import main
 from evl_platform.data.synth import SyntheticLayout
-from evl_platform.sweep.runner import SweepOptions, run_sweep
+from evl_platform.sweep.runner import SweepOptions, plan, run_sweep
 from evl_platform.tracking import names
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -183,6 +183,38 @@ def _score_file(path: Path, correct: np.ndarray) -> Path:
     frame.insert(0, "video_id", [f"v{i:03d}" for i in range(40)])
     frame.to_csv(path, index=False)
     return path
+
+
+def test_a_planned_sweep_runs_after_its_yaml_files_are_gone(
+    tmp_path: Path, motion_small: SyntheticLayout
+) -> None:
+    """The driver resolves every trial's config once: the Tune trials and the Ray Train
+    workers get it as data, so deleting the ablation and experiment files after planning
+    changes nothing, and --set values planned on the driver reach every trial."""
+    path = _reduced_ablation(tmp_path, motion_small)
+    options = SweepOptions(
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        storage_path=str(tmp_path / "storage"),
+        overrides=["train.num_steps=4", "train.lr=0.002"],
+        quiet=True,
+    )
+    planned = plan(path, options)
+    for used in (path, tmp_path / "exp.yaml"):
+        used.unlink()
+    outcome = run_sweep(planned, options)
+    assert outcome.failed == []
+    trials = [r for r in _runs(tmp_path) if r.data.tags.get(names.TAG_KIND) == "train"]
+    assert sorted(r.data.tags[names.TAG_TRIAL] for r in trials) == [
+        "all/ssv2/seed0",
+        "none/ssv2/seed0",
+    ]
+    for run in trials:
+        params = run.data.params
+        assert run.info.status == "FINISHED"
+        assert params["train.num_steps"] == "4" and params["train.lr"] == "0.002"
+        expected = str(run.data.tags[names.TAG_VARIANT] == "all")
+        assert params["model.decoder.temporal_conv"] == expected
+        assert names.VAL_ACC1 in run.data.metrics
 
 
 def test_ensemble_stage_of_a_sweep_logs_one_run_per_pair(

@@ -10,8 +10,9 @@ import yaml
 
 from evl_platform.cli import main
 from evl_platform.models import create_model, model_info
+from evl_platform.sweep.plan import expand
 from evl_platform.sweep.results import ResultsTable
-from evl_platform.sweep.spec import AblationError, check_trials, expand, load_ablation
+from evl_platform.sweep.spec import AblationError, load_ablation
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = sorted((ROOT / "ablations").glob("*.yaml"))
@@ -55,7 +56,7 @@ def test_dry_run_lists_every_trial(
     if profile == "local":  # the local profile maps the datasets onto the stand-ins
         for trial in trials:
             if trial.scores is None:
-                dataset = trial.load("local").data.dataset
+                dataset = trial.cfg.data.dataset
                 expected = {"k400": "synthetic-appearance", "ssv2": "synthetic-motion"}
                 assert dataset == expected[trial.dataset]
 
@@ -66,7 +67,7 @@ def test_temporal_modules_expands_to_the_eight_combinations_on_two_datasets() ->
     assert len(trials) == 16
     seen = set()
     for trial in trials:
-        decoder = trial.load("local").model.decoder
+        decoder = trial.cfg.model.decoder
         flags = (decoder.temporal_conv, decoder.temporal_pos_embed, decoder.temporal_cross_attn)
         seen.add((trial.dataset, flags))
         if trial.variant == "none":
@@ -76,7 +77,7 @@ def test_temporal_modules_expands_to_the_eight_combinations_on_two_datasets() ->
     assert len(seen) == 16
     assert len(expand(ablation, seeds=3)) == 48
     assert {t.seed for t in expand(ablation, seeds=3)} == {0, 1, 2}
-    assert {t.load("local").seed for t in expand(ablation, seeds=2)} == {0, 1}
+    assert {t.cfg.seed for t in expand(ablation, seeds=2)} == {0, 1}
 
 
 def _block_outputs(model: torch.nn.Module, clip: torch.Tensor) -> list[torch.Tensor]:
@@ -98,7 +99,7 @@ def test_feature_layers_variants_feed_the_listed_blocks() -> None:
     torch.manual_seed(0)
     clip = torch.randn(1, 3, 8, 64, 64)
     for trial in expand(local):
-        cfg = trial.load("local")
+        cfg = trial.cfg
         listed = cfg.model.decoder.feature_layers
         model = create_model(cfg, load_weights=False)
         depth = len(model.backbone.visual.transformer.resblocks)
@@ -114,7 +115,7 @@ def test_feature_layers_variants_feed_the_listed_blocks() -> None:
         for other in others:  # and not some other block
             assert not any(torch.allclose(f.out.flatten(0, 1), other) for f in features)
     paper = load_ablation(ROOT / "ablations/feature_layers.yaml", profile="paper")
-    read = {t.variant: model_info(t.load("paper"))["feature_layers"] for t in expand(paper)}
+    read = {t.variant: model_info(t.cfg)["feature_layers"] for t in expand(paper)}
     assert read["spread"] == [5, 7, 9, 11]  # [-7, -5, -3, -1] of ViT-B/16's 12 blocks
     assert read["last2_twice"] == [10, 10, 11, 11]
     assert read["interleaved"] == [10, 11, 10, 11]
@@ -148,7 +149,7 @@ def test_bad_ablation_files_name_the_file_and_the_key(tmp_path: Path) -> None:
     path = _ablation(tmp_path, variants={"deep": {"model.decoder.num_layers": "four"}})
     ablation = load_ablation(path)
     with pytest.raises(AblationError, match=r"variant 'deep' on ssv2: .*num_layers"):
-        check_trials(ablation, expand(ablation))
+        expand(ablation)
     path = _ablation(tmp_path, seeds=0)
     with pytest.raises(AblationError, match="seeds must be >= 1"):
         load_ablation(path)
@@ -181,7 +182,7 @@ def test_grid_and_profile_overlays(tmp_path: Path) -> None:
         "none/ssv2/lr=0.001/seed3",
         "none/ssv2/lr=0.001/seed4",
     ]
-    assert trials[2].load("local").train.lr == 1.0e-3
+    assert trials[2].cfg.train.lr == 1.0e-3
     paper = expand(load_ablation(path, profile="paper"))
     assert [t.key for t in paper] == ["other/ssv2/lr=0.0001/seed0", "other/ssv2/lr=0.001/seed0"]
 

@@ -97,10 +97,11 @@ def bench_sweep(
 ) -> SweepBench:
     """Runs the ablation twice (features reused from a fresh cache, then not reused)."""
     options = SweepOptions(profile=profile, max_concurrent=max_concurrent, overrides=overrides)
-    ablation, trials = plan(path, options)
-    first = next(t for t in trials if t.scores is None)
+    planned = plan(path, options)
+    ablation = planned.ablation
+    first = next(t for t in planned.trials if t.scores is None)
     result = SweepBench(
-        cfg=first.load(ablation.profile, overrides),
+        cfg=first.cfg,
         ablation=ablation.name,
         profile=ablation.profile,
         max_concurrent=max_concurrent,

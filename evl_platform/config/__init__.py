@@ -2,6 +2,7 @@
 
 from evl_platform.config.errors import ConfigError
 from evl_platform.config.loader import (
+    apply_overrides,
     dump_config,
     flatten_config,
     load_config,
@@ -34,6 +35,7 @@ __all__ = [
     "SyntheticConfig",
     "TestViewsConfig",
     "TrainConfig",
+    "apply_overrides",
     "dump_config",
     "flatten_config",
     "load_config",

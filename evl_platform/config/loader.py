@@ -9,12 +9,14 @@ Resolution order, later wins:
 
 Mappings merge key by key; lists and scalars replace. Path-valued keys are made absolute
 against the directory of the file that wrote them (the working directory for overrides), so a
-resolved config can be saved anywhere and loaded again unchanged.
+resolved config can be saved anywhere and loaded again unchanged. :func:`apply_overrides` sets
+dotted keys of an already resolved config (a search sample's values) without any file.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -99,6 +101,47 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key, yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {text}: value is not valid YAML: {_yaml_problem(err)}") from None
+
+
+def apply_overrides(
+    cfg: ExperimentConfig,
+    values: Mapping[str, Any],
+    *,
+    source: str = "overrides",
+    base_dir: str | Path | None = None,
+) -> ExperimentConfig:
+    """Set dotted keys of a resolved config, checked like ``--set`` and validated; no file is read.
+
+    Args:
+        cfg: the resolved config.
+        values: dotted key -> value (a value, not YAML text), e.g. ``{"train.lr": 1e-3}``.
+        source: what the values came from; every message starts with it.
+        base_dir: directory that relative path values are made absolute against (default: the
+            working directory, as for ``--set``).
+
+    Returns:
+        A new validated config; ``cfg`` is unchanged.
+
+    Raises:
+        ConfigError: one line naming ``source``, the override and the key: an unknown key, a
+            profile key, or a value the schema rejects.
+    """
+    data = cfg.model_dump(mode="json")
+    origins: Origins = {}
+    directory = Path(base_dir) if base_dir is not None else Path.cwd()
+    for key, value in values.items():
+        text = f"{key}={json.dumps(value, default=str)}"
+        parts = tuple(part.strip() for part in key.split("."))
+        problem = _resolved_key_problem(parts)
+        if problem:
+            raise ConfigError(f"{source}: {text}: {problem}")
+        tree = _nested(parts, copy.deepcopy(value))
+        _resolve_paths(tree, directory)
+        _merge(data, origins, tree, _labelled(tree, text))
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, data, origins, source)) from None
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
@@ -298,8 +341,23 @@ def _apply_override(
     problem = unknown_key_message(parts)
     if problem:
         raise ConfigError(f"{source}: --set {text}: {problem}")
+    tree = _nested(parts, value)
+    _resolve_paths(tree, Path.cwd())
+    _merge(data, origins, tree, _labelled(tree, OVERRIDE_LABEL + text))
+
+
+def _resolved_key_problem(parts: Key) -> str | None:
+    """Why a dotted key cannot be set on a resolved config, or ``None`` when it can."""
+    if not all(parts):
+        return "expected a dotted key, e.g. train.lr"
+    if parts[0] in ("profile", "profiles"):
+        return "the profile and its overlays were applied when the config was loaded"
+    return unknown_key_message(parts)
+
+
+def _nested(parts: Key, value: Any) -> Tree:
+    """``("a", "b"), 1`` -> ``{"a": {"b": 1}}``."""
     tree: Any = value
     for part in reversed(parts):
         tree = {part: tree}
-    _resolve_paths(tree, Path.cwd())
-    _merge(data, origins, tree, _labelled(tree, OVERRIDE_LABEL + text))
+    return tree

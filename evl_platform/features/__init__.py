@@ -9,6 +9,7 @@ from evl_platform.features.extract import FeatureStats, prepare_features
 from evl_platform.features.key import (
     FORMAT_VERSION,
     EntryRef,
+    extraction_identity,
     split_entries,
     view_data,
     view_set,
@@ -25,6 +26,7 @@ __all__ = [
     "FeatureStore",
     "MissingFeatures",
     "StoredEntry",
+    "extraction_identity",
     "features_root",
     "prepare_features",
     "split_entries",

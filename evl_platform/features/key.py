@@ -5,7 +5,8 @@ adjacent frames) of one backbone block for one view of every video of a split. I
 sha256 of a readable dict of everything that changes those numbers: the dataset files, the
 backbone and its weights, the clip sampling and decoding, the view set and view index, the
 block, the kind and the storage dtype. Variants that read other blocks or toggle T-CA
-therefore share the entries they have in common.
+therefore share the entries they have in common. :func:`extraction_identity` names, from the
+config alone, the set of entries an experiment reads (a sweep extracts once per identity).
 """
 
 from __future__ import annotations
@@ -87,10 +88,38 @@ def split_entries(
     base = split_inputs(cfg, split, annotations, files)
     return [
         entry_ref(base, view=view, layer=layer, kind=kind)
+        for view, layer, kind in entry_coordinates(cfg, split)
+    ]
+
+
+def entry_coordinates(cfg: ExperimentConfig, split: Split) -> list[tuple[int, int, TensorKind]]:
+    """``(view, block, kind)`` of every entry the experiment reads for ``split``."""
+    return [
+        (view, layer, kind)
         for view in range(view_set(cfg, split).total)
         for layer in sorted(set(decoder_layers(cfg)))
         for kind in tensor_kinds(cfg)
     ]
+
+
+def extraction_identity(cfg: ExperimentConfig) -> str:
+    """What the experiment's extraction writes (and its training reads), from the config alone.
+
+    The sha256 of the cache directory, the whole ``data`` section (it picks the dataset's
+    files, which are only read at extraction), and per split the key inputs that do not
+    depend on those files (:func:`config_inputs`) with the coordinates of every entry.
+    Experiments with equal identities read the same cache entries.
+    """
+    described = {
+        "cache_dir": cfg.features.cache_dir,
+        "data": cfg.data.model_dump(mode="json"),
+        "splits": {
+            split: {"inputs": config_inputs(cfg, split), "entries": entry_coordinates(cfg, split)}
+            for split in SPLITS
+        },
+    }
+    blob = json.dumps(described, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def entry_ref(base: dict[str, Any], *, view: int, layer: int, kind: TensorKind) -> EntryRef:
@@ -104,13 +133,18 @@ def entry_ref(base: dict[str, Any], *, view: int, layer: int, kind: TensorKind) 
 def split_inputs(
     cfg: ExperimentConfig, split: Split, annotations: Annotations, files: DatasetFiles
 ) -> dict[str, Any]:
-    """Key inputs shared by all entries of a split."""
+    """Key inputs shared by all entries of a split: :func:`config_inputs` and the dataset."""
+    return {**config_inputs(cfg, split), "dataset": dataset_identity(annotations, files)}
+
+
+def config_inputs(cfg: ExperimentConfig, split: Split) -> dict[str, Any]:
+    """The key inputs of a split's entries that the config alone decides (all but the
+    dataset's files): format version, split, backbone and weights, clips, views, dtype."""
     data, backbone = cfg.data, cfg.model.backbone
     views = view_set(cfg, split)
     return {
         "format_version": FORMAT_VERSION,
         "split": split,
-        "dataset": dataset_identity(annotations, files),
         "backbone": {
             "name": backbone.name,
             "vision_cfg": backbone_spec(backbone.name).vision_cfg,

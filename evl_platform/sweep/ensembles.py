@@ -8,26 +8,20 @@ A resumed sweep skips pairs whose ensemble run already exists.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 from mlflow.entities import Run
 
 from evl_platform.ensemble import EnsembleError, ensemble, load_scores, log_ensemble
+from evl_platform.sweep.plan import SweepPlan, Trial
 from evl_platform.sweep.results import ResultsTable
-from evl_platform.sweep.spec import Ablation, Trial
+from evl_platform.sweep.runs import SweepParent
 from evl_platform.tracking import names
 from evl_platform.tracking.client import Tracker
 
-if TYPE_CHECKING:
-    from evl_platform.sweep.runner import _Parent
-
 
 def run_ensembles(
-    ablation: Ablation,
-    trials: Sequence[Trial],
+    plan: SweepPlan,
     tracker: Tracker,
-    parent: _Parent,
+    parent: SweepParent,
     runs: dict[str, Run],
 ) -> ResultsTable:
     """Ensembles every pair on every dataset and seed; returns the ensemble table.
@@ -36,6 +30,7 @@ def run_ensembles(
     the gain over model 1 in the CSV's values; a pair with a member that did not finish is
     reported and left out.
     """
+    ablation, trials = plan.ablation, plan.trials
     spec = ablation.spec
     assert spec.ensemble is not None
     table = ResultsTable(

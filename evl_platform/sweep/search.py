@@ -10,15 +10,15 @@ mid-run is deleted and sampled afresh, so every sample has exactly one run.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from evl_platform.sweep.spec import Ablation, SearchDimension, Trial
+from evl_platform.sweep.plan import SweepPlan, Trial
+from evl_platform.sweep.progress import TrialProgress
+from evl_platform.sweep.runs import SweepParent
+from evl_platform.sweep.spec import Ablation, SearchDimension
+from evl_platform.sweep.trials import TRIAL_ACTOR_MEMORY, default_concurrency, run_trial
 from evl_platform.tracking import names
 from evl_platform.tracking.client import Tracker
-
-if TYPE_CHECKING:
-    from evl_platform.sweep.runner import SweepOptions, _Parent
 
 SEARCH_PARAM = "search."  # sampled values are logged as tags search.<dotted key>
 
@@ -34,31 +34,26 @@ def _domain(dim: SearchDimension) -> Any:
 
 
 def run_search(
-    ablation: Ablation,
-    trials: Sequence[Trial],
+    plan: SweepPlan,
     tracker: Tracker,
-    parent: _Parent,
-    storage: str,
-    options: SweepOptions,
-    context: Callable[..., dict[str, Any]],
+    parent: SweepParent,
+    sweep: dict[str, Any],
+    *,
+    max_concurrent: int | None,
 ) -> None:
-    """Runs the remaining samples of every trial row of a search ablation."""
+    """Runs the remaining samples of every trial row of a search ablation.
+
+    ``sweep`` is the context every trial gets (:func:`~.trials.sweep_context`).
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from evl_platform.sweep.runner import (
-        _TRIAL_ACTOR_MEMORY,
-        TrialProgress,
-        default_concurrency,
-        run_trial_entry,
-    )
-
+    ablation = plan.ablation
     search = ablation.spec.search
     assert search is not None
-    sweep = context(ablation, parent, storage, options, tracker)
     children = tracker.children(ablation.spec.name, parent.run_id)
-    for trial in trials:
+    for trial in plan.trials:
         mine = [
             r
             for r in children
@@ -79,7 +74,7 @@ def run_search(
             if value is not None and None not in sampled.values():
                 points.append({"entry": {"search": sampled}})
                 rewards.append(value)
-        cfg = trial.load(ablation.profile, options.overrides)
+        cfg = trial.cfg
         scheduler = None
         if search.asha is not None:
             scheduler = ASHAScheduler(
@@ -99,7 +94,7 @@ def run_search(
             flush=True,
         )
         tuner = tune.Tuner(
-            tune.with_resources(run_trial_entry, {"memory": _TRIAL_ACTOR_MEMORY}),
+            tune.with_resources(run_trial, {"memory": TRIAL_ACTOR_MEMORY}),
             param_space={
                 "entry": {
                     "trial": trial.to_dict(),
@@ -115,14 +110,14 @@ def run_search(
                 search_alg=searcher,
                 scheduler=scheduler,
                 num_samples=remaining,
-                max_concurrent_trials=options.max_concurrent or default_concurrency(ablation),
+                max_concurrent_trials=max_concurrent or default_concurrency(plan),
                 # a reused trial actor keeps its finished TorchTrainer's placement group (and
                 # CPUs) alive, starving the next samples: one fresh actor per sample
                 reuse_actors=False,
             ),
             run_config=tune.RunConfig(
                 name=f"tune-{parent.name}-{trial.slug}",
-                storage_path=storage,
+                storage_path=sweep["storage"],
                 verbose=0,
                 callbacks=[
                     TrialProgress(total=search.num_samples, finished=len(finished), quiet=False)
@@ -151,7 +146,7 @@ SETTLE_TIMEOUT_S = 30.0
 def _close_stopped(
     tracker: Tracker,
     ablation: Ablation,
-    parent: _Parent,
+    parent: SweepParent,
     trial: Trial,
     clean: set[str],
     timeout: float = SETTLE_TIMEOUT_S,

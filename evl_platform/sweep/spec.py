@@ -4,26 +4,21 @@ An ablation file (``ablations/*.yaml``) names base ``experiments`` per dataset c
 ``variants`` (dotted overrides, the table's rows), optional ``grid`` and ``seeds``, the
 per-trial ``resources``, a ``table`` block telling the report which paper table it fills, and
 optionally a ``search`` (Optuna TPE + ASHA) or an ``ensemble`` block. ``profiles:`` overlays
-the file itself per profile (e.g. smaller depths for the tiny local backbone). Expanding it
-gives the :class:`Trial` list; every trial's config is loaded and validated before anything
-runs, so a bad override is one message naming the ablation file and the variant.
+the file itself per profile (e.g. smaller depths for the tiny local backbone).
+:mod:`evl_platform.sweep.plan` expands a loaded file into its trials.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
-import json
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evl_platform.config import ConfigError, ExperimentConfig, load_config
 from evl_platform.config.loader import DEFAULT_PROFILE
 
 DEFAULT_ALPHAS = tuple(round(i / 10, 1) for i in range(11))
@@ -100,6 +95,10 @@ class SearchDimension(_Frozen):
         if self.loguniform is not None and self.loguniform[0] <= 0:
             raise ValueError("loguniform bounds must be positive")
         return self
+
+    def extremes(self) -> tuple[Any, ...]:
+        """The values at the edges of the dimension: both bounds, or every choice."""
+        return self.loguniform or self.uniform or self.choice or ()
 
 
 class AshaSpec(_Frozen):
@@ -203,47 +202,6 @@ class AblationSpec(_Frozen):
 
 
 @dataclass(frozen=True)
-class Trial:
-    """One training run of a sweep (or one external ensemble member).
-
-    Attributes:
-        key: unique, stable id within the sweep, e.g. ``none/ssv2/seed0``.
-        variant / dataset / seed: its table coordinates.
-        experiment: the base experiment file.
-        overrides: dotted ``key=value`` strings applied to it (values as JSON).
-        grid: the grid point, dotted key -> value.
-        row: the paper's row id.
-        scores: an external score file (no training) or ``None``.
-    """
-
-    key: str
-    variant: str
-    dataset: str
-    seed: int
-    experiment: str
-    overrides: tuple[str, ...]
-    grid: dict[str, Any] = field(default_factory=dict)
-    row: str = ""
-    scores: str | None = None
-
-    @property
-    def slug(self) -> str:
-        """The key as a file-name-safe run name part."""
-        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.key).strip("-")
-
-    def load(self, profile: str, extra: Sequence[str] = ()) -> ExperimentConfig:
-        """The trial's validated experiment config."""
-        return load_config(self.experiment, overrides=[*self.overrides, *extra], profile=profile)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(data: Mapping[str, Any]) -> Trial:
-        return Trial(**{**data, "overrides": tuple(data["overrides"])})
-
-
-@dataclass(frozen=True)
 class Ablation:
     """A loaded ablation file and the profile it was loaded for."""
 
@@ -324,70 +282,3 @@ def _overlay(raw: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
-
-
-def override_strings(values: Mapping[str, Any]) -> list[str]:
-    """``{"a.b": 1}`` -> ``["a.b=1"]``; values written as JSON, which YAML parses back."""
-    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
-
-
-def expand(ablation: Ablation, *, seeds: int | None = None) -> list[Trial]:
-    """Every trial of the sweep, in table order (variant, dataset, grid point, seed).
-
-    Raises:
-        AblationError: a trial's config does not load (names the variant and dataset).
-    """
-    spec = ablation.spec
-    grid_keys = list(spec.grid)
-    points = [dict(zip(grid_keys, combo, strict=True)) for combo in _product(spec.grid)]
-    trials = []
-    for name, variant in spec.variants.items():
-        for dataset in variant.datasets or tuple(spec.experiments):
-            for point in points:
-                for seed in spec.seed_list(seeds):
-                    suffix = "".join(f"/{k.split('.')[-1]}={v}" for k, v in point.items())
-                    overrides = override_strings(spec.set | variant.set | point | {"seed": seed})
-                    trials.append(
-                        Trial(
-                            key=f"{name}/{dataset}{suffix}/seed{seed}",
-                            variant=name,
-                            dataset=dataset,
-                            seed=seed,
-                            experiment=variant.base.get(dataset, spec.experiments[dataset]),
-                            overrides=(
-                                *overrides,
-                                f"name={json.dumps(f'{spec.name}-{name}-{dataset}')}",
-                            ),
-                            grid=point,
-                            row=variant.row or name,
-                            scores=variant.scores.get(dataset),
-                        )
-                    )
-    return trials
-
-
-def _product(grid: Mapping[str, Sequence[Any]]) -> list[tuple[Any, ...]]:
-    return list(itertools.product(*grid.values())) if grid else [()]
-
-
-def check_trials(ablation: Ablation, trials: Sequence[Trial], extra: Sequence[str] = ()) -> None:
-    """Loads every trial's config so that nothing launches on a bad override.
-
-    Raises:
-        AblationError: names the ablation file, the trial and the config problem.
-    """
-    for trial in trials:
-        if trial.scores is not None:
-            if not Path(trial.scores).is_file():
-                raise AblationError(
-                    f"{ablation.path}: variants.{trial.variant}.scores.{trial.dataset}: "
-                    f"no such file {trial.scores} (export that model's validation scores "
-                    "there: a video_id column, optionally label, then one column per class)"
-                )
-            continue
-        try:
-            trial.load(ablation.profile, extra)
-        except ConfigError as err:
-            raise AblationError(
-                f"{ablation.path}: variant {trial.variant!r} on {trial.dataset}: {err}"
-            ) from None

@@ -1,0 +1,169 @@
+"""Sweep trials on Ray Tune: the function trainable that trains one trial, and the grid run.
+
+Ray 2.60 runs Ray Train V2, whose trainers cannot be handed to ``Tuner``: each Tune trial is a
+function trainable (:func:`run_trial`) that launches the trial's ``TorchTrainer`` through
+:func:`evl_platform.train.launcher.train` and forwards its reports to Tune with
+``TuneReportCallback``. The trial receives its resolved config as plain data (planned on the
+driver, see :mod:`evl_platform.sweep.plan`) and validates it once; it reads no file. The trial
+actor itself reserves no CPU; ``--max-concurrent`` (default: as many trials as the cluster has
+worker slots) bounds how many TorchTrainers run at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from evl_platform.config import apply_overrides
+from evl_platform.sweep.plan import SweepPlan, Trial
+from evl_platform.sweep.progress import TrialProgress, grid_entry
+from evl_platform.sweep.runs import SweepParent, TrialTodo
+from evl_platform.tracking import names
+
+TRIAL_ACTOR_MEMORY = 64 * 1024**2
+"""Memory a trial actor requests: it only drives its TorchTrainer and needs no CPU of its own,
+but Tune needs a non-empty resource request."""
+
+
+def sweep_context(
+    plan: SweepPlan, parent: SweepParent, storage: str, tracking_uri: str
+) -> dict[str, Any]:
+    """The ``sweep`` entry of every trial's Tune config: what all trials share."""
+    spec = plan.ablation.spec
+    return {
+        "ablation": spec.name,
+        "paper_table": spec.table.paper,
+        "resources": spec.resources.model_dump(),
+        "tracking_uri": tracking_uri,
+        "storage": storage,
+        "experiment": spec.name,
+        "parent_run_id": parent.run_id,
+        "run_name": parent.name,
+    }
+
+
+def default_concurrency(plan: SweepPlan) -> int:
+    """Trials that fit the cluster at once: its CPUs (or GPUs) over one trial's needs."""
+    import ray
+
+    res = plan.ablation.spec.resources
+    available = ray.cluster_resources()
+    if res.use_gpu:
+        return max(1, int(available.get("GPU", 0) // res.num_workers))
+    return max(1, int(available.get("CPU", 1) // (res.num_workers * res.cpus_per_worker)))
+
+
+def trial_tags(trial: Trial, sweep: dict[str, Any]) -> dict[str, str]:
+    """The sweep tags of a trial's training run."""
+    return {
+        names.TAG_ABLATION: sweep["ablation"],
+        names.TAG_PAPER_TABLE: sweep["paper_table"],
+        names.TAG_PAPER_ROW: trial.row,
+        names.TAG_VARIANT: trial.variant,
+        names.TAG_DATASET_KEY: trial.dataset,
+        names.TAG_SEED: str(trial.seed),
+        names.TAG_TRIAL: trial.key,
+        names.TAG_SWEEP: sweep["run_name"],
+    }
+
+
+def run_trial(config: dict[str, Any]) -> dict[str, Any]:
+    """Tune function trainable: one trial's training run, reported to Tune as it goes.
+
+    ``config``: ``trial`` (a :class:`Trial` dict holding its resolved config), ``sweep``
+    (:func:`sweep_context`), ``resume_run`` (a Ray Train run name to continue) and, in a
+    search, ``search`` (sampled dotted key -> value) and ``report_metric`` (only results
+    holding this metric reach Tune).
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from evl_platform.train.launcher import TrainOptions, train
+
+    class MetricReportCallback(TuneReportCallback):
+        """Forwards only the reports that carry ``metric``: Optuna and ASHA need it in each."""
+
+        def __init__(self, metric: str) -> None:
+            super().__init__()
+            self.metric = metric
+
+        def after_report(
+            self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+        ) -> None:
+            if self.metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    config = grid_entry(config)
+    trial = Trial.from_dict(config["trial"])
+    sweep = config["sweep"]
+    cfg = trial.cfg
+    sampled = config.get("search") or {}
+    if sampled:  # a search sample is its own trial: key it by Tune's trial id
+        trial_id = tune.get_context().get_trial_id()
+        trial = dataclasses.replace(trial, key=f"{trial.key}/{trial_id}")
+        cfg = apply_overrides(cfg, sampled, source=f"search sample {trial.key}")
+    resources = sweep["resources"]
+    options = TrainOptions(
+        num_workers=resources["num_workers"],
+        use_gpu=resources["use_gpu"],
+        cpus_per_worker=resources["cpus_per_worker"],
+        tracking_uri=sweep["tracking_uri"],
+        storage_path=sweep["storage"],
+        resume=config.get("resume_run"),
+        mlflow_experiment=sweep["experiment"],
+        run_name=config.get("run_name") or f"{sweep['run_name']}-{trial.slug}",
+        parent_run_id=sweep["parent_run_id"],
+        tags=trial_tags(trial, sweep),
+        check_storage=False,  # the driver checked once for the whole sweep
+        callbacks=[
+            MetricReportCallback(config["report_metric"])
+            if config.get("report_metric")
+            else TuneReportCallback()
+        ],
+    )
+    outcome = train(cfg, options)
+    return {"run_id": outcome.run_id, **outcome.metrics}
+
+
+def run_grid(
+    plan: SweepPlan,
+    todo: Sequence[TrialTodo],
+    context: dict[str, Any],
+    *,
+    max_concurrent: int | None,
+    finished_before: int,
+    quiet: bool,
+) -> None:
+    """Runs the trials of a grid sweep on Tune, ``max_concurrent`` at a time."""
+    from ray import tune
+
+    configs = [
+        {
+            "trial": item.trial.to_dict(),
+            "sweep": context,
+            "resume_run": item.resume_run,
+            "run_name": item.run_name,
+        }
+        for item in todo
+    ]
+    concurrent = max_concurrent or default_concurrency(plan)
+    progress = TrialProgress(
+        total=len(todo) + finished_before, finished=finished_before, quiet=quiet
+    )
+    print(f"running {len(todo)} trials, {concurrent} at a time", flush=True)
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, {"memory": TRIAL_ACTOR_MEMORY}),
+        param_space={"entry": tune.grid_search(configs)},
+        # A finished trial's actor runs the next one: its process, imports and MLflow store
+        # carry over (each trial's TorchTrainer has ended, unlike an early-stopped search
+        # sample's, see search.py).
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=f"tune-{context['run_name']}",
+            storage_path=context["storage"],
+            verbose=0,
+            callbacks=[progress],
+        ),
+    )
+    tuner.fit()
