@@ -1,1 +1,1 @@
-"""Speed measurements: data loading (and, later, training steps, inference, sweeps)."""
+"""Speed measurements: data loading, training steps, inference and sweeps (`evl-platform bench`)."""
