@@ -192,6 +192,9 @@ def test_a_planned_sweep_runs_after_its_yaml_files_are_gone(
     workers get it as data, so deleting the ablation and experiment files after planning
     changes nothing, and --set values planned on the driver reach every trial."""
     path = _reduced_ablation(tmp_path, motion_small)
+    experiment = tmp_path / "exp.yaml"  # moved under a base: bases are resolved at planning too
+    (tmp_path / "base.yaml").write_text(experiment.read_text())
+    experiment.write_text(yaml.safe_dump({"base": "base.yaml", "train": {"weight_decay": 0.01}}))
     options = SweepOptions(
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
         storage_path=str(tmp_path / "storage"),
@@ -199,7 +202,7 @@ def test_a_planned_sweep_runs_after_its_yaml_files_are_gone(
         quiet=True,
     )
     planned = plan(path, options)
-    for used in (path, tmp_path / "exp.yaml"):
+    for used in (path, experiment, tmp_path / "base.yaml"):
         used.unlink()
     outcome = run_sweep(planned, options)
     assert outcome.failed == []
@@ -212,6 +215,7 @@ def test_a_planned_sweep_runs_after_its_yaml_files_are_gone(
         params = run.data.params
         assert run.info.status == "FINISHED"
         assert params["train.num_steps"] == "4" and params["train.lr"] == "0.002"
+        assert float(params["train.weight_decay"]) == 0.01
         expected = str(run.data.tags[names.TAG_VARIANT] == "all")
         assert params["model.decoder.temporal_conv"] == expected
         assert names.VAL_ACC1 in run.data.metrics

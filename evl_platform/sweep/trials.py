@@ -12,6 +12,7 @@ worker slots) bounds how many TorchTrainers run at once.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,8 @@ def sweep_context(
         "experiment": spec.name,
         "parent_run_id": parent.run_id,
         "run_name": parent.name,
+        # a search sample's relative path values mean what they would on the driver
+        "workdir": os.getcwd(),
     }
 
 
@@ -102,7 +105,9 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     if sampled:  # a search sample is its own trial: key it by Tune's trial id
         trial_id = tune.get_context().get_trial_id()
         trial = dataclasses.replace(trial, key=f"{trial.key}/{trial_id}")
-        cfg = apply_overrides(cfg, sampled, source=f"search sample {trial.key}")
+        cfg = apply_overrides(
+            cfg, sampled, source=f"search sample {trial.key}", base_dir=sweep["workdir"]
+        )
     resources = sweep["resources"]
     options = TrainOptions(
         num_workers=resources["num_workers"],
