@@ -24,7 +24,13 @@ from evl_platform.tracking import names
 from evl_platform.tracking.artifacts import scores_frame, write_per_class, write_scores
 from evl_platform.tracking.client import Tracker
 from evl_platform.train.inputs import create_source
-from evl_platform.train.loop import EvalResult, EVLForward, amp_dtype, evaluate
+from evl_platform.train.loop import (
+    EvalResult,
+    EVLForward,
+    amp_dtype,
+    evaluate,
+    validation_metrics,
+)
 
 
 @dataclass
@@ -146,21 +152,31 @@ def evaluate_run(trained: TrainedModel, options: EvalOptions | None = None) -> E
     result = EvalResult.merge([part[0] for part in parts])
     _, video_ids, class_names = parts[0]
     outcome = EvalOutcome(result, class_names, video_ids, cfg, options.split)
-    outcome.metrics = eval_metrics(result, len(class_names))
+    outcome.metrics = eval_metrics(result)
     if options.track:
         outcome.run_id = log_evaluation(outcome, trained, options)
     return outcome
 
 
-def eval_metrics(result: EvalResult, num_classes: int) -> dict[str, float]:
-    """The ``eval/...`` metrics of one evaluation."""
-    return {
-        names.EVAL_LOSS: result.loss,
-        names.EVAL_ACC1: result.topk(1),
-        names.EVAL_ACC5: result.topk(5),
-        names.EVAL_MEAN_CLASS_ACC: float(np.nanmean(result.per_class_accuracy(num_classes))),
-        names.EVAL_CLIPS_PER_S: len(result.labels) / max(result.seconds, 1e-9),
-    }
+EVAL_NAME = dict(
+    zip(
+        names.EVAL_METRICS,
+        (
+            names.EVAL_LOSS,
+            names.EVAL_ACC1,
+            names.EVAL_ACC5,
+            names.EVAL_MEAN_CLASS_ACC,
+            names.EVAL_CLIPS_PER_S,
+        ),
+        strict=True,
+    )
+)
+"""Each validation metric's name in an evaluation run (``val/acc1`` -> ``eval/acc1``)."""
+
+
+def eval_metrics(result: EvalResult) -> dict[str, float]:
+    """The ``eval/...`` metrics of one evaluation: training's validation metrics, renamed."""
+    return {EVAL_NAME[k]: v for k, v in validation_metrics(result).items()}
 
 
 def log_evaluation(outcome: EvalOutcome, trained: TrainedModel, options: EvalOptions) -> str:
