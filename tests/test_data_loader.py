@@ -43,7 +43,7 @@ def test_stand_in_clips_have_configured_shapes(
     train = create_dataset(cfg, splits["train"], train=True)
     val = create_dataset(cfg, splits["val"], train=False)
     sample = train[0]
-    assert sample.clip.shape == (3, 8, 32, 32) and sample.clip.dtype == torch.float32
+    assert sample.clip.shape == (3, 8, 32, 32) and sample.clip.dtype == torch.uint8
     assert sample.bad == () and sample.label == splits["train"].records[0].label
     assert val[0].clip.shape == (9, 3, 8, 32, 32)  # 3 temporal x 3 spatial views
     # the same (seed, epoch, index) gives the same clip; another epoch gives another draw

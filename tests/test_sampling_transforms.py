@@ -20,7 +20,6 @@ from evl_platform.data.sampling import (
     uniform_views,
 )
 from evl_platform.data.transforms import (
-    CLIP_MEAN,
     RAND_AUGMENT_OPS,
     TrainTransform,
     parse_rand_augment,
@@ -28,6 +27,7 @@ from evl_platform.data.transforms import (
     spatial_crops,
 )
 from evl_platform.data.transforms import TestTransform as EvalTransform
+from evl_platform.models.pixels import CLIP_MEAN, CLIP_STD, normalize_pixels
 
 
 @pytest.mark.parametrize("length", [1, 3, 7, 8, 9, 31, 32, 300])
@@ -118,7 +118,7 @@ def test_train_transform_is_identical_across_frames() -> None:
     transform = TrainTransform(AugmentConfig(), size=64)
     for seed in range(40):
         out = transform(still, np.random.default_rng(seed))
-        assert out.shape == (3, 8, 64, 64) and out.dtype == torch.float32
+        assert out.shape == (3, 8, 64, 64) and out.dtype == torch.uint8
         assert torch.equal(out[:, :1].expand_as(out), out), f"seed {seed}: frames differ"
 
 
@@ -159,8 +159,15 @@ def test_test_transform_resize_crops_and_normalisation() -> None:
     mean_grey = np.array(CLIP_MEAN) * 255
     frames = np.broadcast_to(mean_grey.round().astype(np.uint8), (4, 48, 96, 3)).copy()
     (centre,) = EvalTransform(size=32, spatial_views=1)(frames)
-    assert centre.shape == (3, 4, 32, 32)
-    assert centre.abs().max() < 0.01  # CLIP mean maps to ~0
+    assert centre.shape == (3, 4, 32, 32) and centre.dtype == torch.uint8
+    # the model normalises on its device: CLIP's mean maps to ~0, one grey level to 1/(255 std)
+    normalised = normalize_pixels(centre[None], channel_dim=-4)
+    assert normalised.dtype == torch.float32 and normalised.abs().max() < 0.01
+    step = normalize_pixels(centre[None] + 1, channel_dim=-4) - normalised
+    expected = torch.tensor([1 / (255 * s) for s in CLIP_STD]).view(3, 1, 1, 1)
+    torch.testing.assert_close(step[0], expected.expand_as(step[0]), rtol=1e-4, atol=1e-6)
+    floats = torch.randn(2, 3, 4, 8, 8)
+    assert normalize_pixels(floats, channel_dim=-4) is floats  # float input: already normalised
     three = EvalTransform(size=32, spatial_views=3)(_moving_square(size=(48, 96)))
     assert len(three) == 3 and all(c.shape == (3, 8, 32, 32) for c in three)
 

@@ -2,7 +2,8 @@
 
 Training: random resized crop to the model's input size, RandAugment, optional horizontal
 flip. Testing: short-side resize, then a centre crop or three crops along the long side. Both
-end with CLIP's mean/std normalisation and return float tensors shaped (C, T, H, W).
+return uint8 tensors shaped (C, T, H, W): the models normalise them with CLIP's mean and std on
+the device they run on (:func:`evl_platform.models.pixels.normalize_pixels`).
 
 Work happens on uint8 (T, C, H, W) tensors with one torch thread (loader workers give the
 parallelism). RandAugment runs after the crop, at the model's input size, which costs a
@@ -31,17 +32,9 @@ from torchvision.transforms.v2 import functional as F
 
 from evl_platform.config import AugmentConfig
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 MAGNITUDE_STD = 0.5
 _FILL = 128
 _GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-# normalize: x * scale + offset == (x / 255 - mean) / std
-_SCALE = np.array([1 / (255 * s) for s in CLIP_STD], dtype=np.float32).reshape(3, 1, 1, 1)
-_OFFSET = np.array([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True)], np.float32).reshape(
-    3, 1, 1, 1
-)
 
 
 def _signed(level: float, limit: float, rng: np.random.Generator) -> float:
@@ -336,14 +329,9 @@ def spatial_crops(clip: torch.Tensor, *, size: int, count: int) -> list[torch.Te
     return crops
 
 
-def normalize(clip: torch.Tensor) -> torch.Tensor:
-    """uint8 (T, C, H, W) -> CLIP-normalised float (C, T, H, W)."""
-    source = clip.numpy().transpose(1, 0, 2, 3)
-    out = np.empty(source.shape, dtype=np.float32)
-    np.copyto(out, source)
-    out *= _SCALE
-    out += _OFFSET
-    return _tensor(out)
+def channels_first(clip: torch.Tensor) -> torch.Tensor:
+    """uint8 (T, C, H, W) -> contiguous uint8 (C, T, H, W), the layout the models take."""
+    return _tensor(np.ascontiguousarray(clip.numpy().transpose(1, 0, 2, 3)))
 
 
 class TrainTransform:
@@ -363,7 +351,7 @@ class TrainTransform:
         self.flip = augment.horizontal_flip
 
     def __call__(self, frames: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        """(T, H, W, 3) uint8 frames -> (C, T, size, size) float."""
+        """(T, H, W, 3) uint8 frames -> (C, T, size, size) uint8."""
         clip = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, C, H, W)
         if self.scale is not None:
             clip = random_resized_crop(clip, size=self.size, scale=self.scale, rng=rng)
@@ -374,7 +362,7 @@ class TrainTransform:
             clip = rand_augment(clip, magnitude=magnitude, num_ops=num_ops, rng=rng)
         if self.flip and rng.random() < 0.5:
             clip = clip.flip(-1)
-        return normalize(clip)
+        return channels_first(clip)
 
 
 class TestTransform:
@@ -390,9 +378,9 @@ class TestTransform:
         self.spatial_views = spatial_views
 
     def __call__(self, frames: np.ndarray) -> list[torch.Tensor]:
-        """(T, H, W, 3) uint8 frames -> ``spatial_views`` tensors of (C, T, size, size)."""
+        """(T, H, W, 3) uint8 frames -> ``spatial_views`` uint8 tensors of (C, T, size, size)."""
         clip = resize_short_side(torch.from_numpy(frames).permute(0, 3, 1, 2), self.size)
         return [
-            normalize(crop)
+            channels_first(crop)
             for crop in spatial_crops(clip, size=self.size, count=self.spatial_views)
         ]

@@ -19,8 +19,11 @@ from evl_platform.models.evl import (
     create_decoder,
     create_evl,
     create_model,
+    evl_on,
+    extract_blocks,
 )
 from evl_platform.models.info import count_gmacs, model_info
+from evl_platform.models.pixels import CLIP_MEAN, CLIP_STD, normalize_pixels
 from evl_platform.models.temporal import (
     TEMPORAL_MODULES,
     TemporalConv,
@@ -35,6 +38,8 @@ from evl_platform.models.temporal import (
 
 __all__ = [
     "BACKBONES",
+    "CLIP_MEAN",
+    "CLIP_STD",
     "EVL",
     "FEATURE_SHAPES",
     "MODEL_BUILDERS",
@@ -62,6 +67,9 @@ __all__ = [
     "create_model",
     "create_temporal_modules",
     "enabled_temporal_modules",
+    "evl_on",
+    "extract_blocks",
     "load_visual_state_dict",
     "model_info",
+    "normalize_pixels",
 ]

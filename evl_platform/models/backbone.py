@@ -20,6 +20,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from evl_platform.config.schema import BackboneConfig, is_weights_path
+from evl_platform.models.pixels import normalize_pixels
 from evl_platform.models.tiny_init import DCT_SINCOS, init_dct_sincos
 from evl_platform.registry import Registry
 
@@ -178,7 +179,8 @@ class ClipBackbone(nn.Module):
         """Runs the encoder up to the deepest requested block.
 
         Args:
-            images: (B, 3, H, W) normalised images.
+            images: (B, 3, H, W) uint8 images (normalised here, on their device) or
+                normalised float images.
             layers: non-negative block indices to return.
             with_qk: also return each requested block's attention queries and keys.
 
@@ -189,7 +191,8 @@ class ClipBackbone(nn.Module):
         found: dict[int, BlockFeatures] = {}
         self.forward_images += images.shape[0]
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            x = self.visual._embeds(images.to(self.dtype))  # (B, L, C)
+            pixels = normalize_pixels(images, channel_dim=-3)
+            x = self.visual._embeds(pixels.to(self.dtype))  # (B, L, C)
             for index, block in enumerate(self.visual.transformer.resblocks):
                 if not wanted.difference(found):
                     break

@@ -13,6 +13,7 @@ from torch import nn
 
 from evl_platform.config.schema import Cnn3dConfig, ExperimentConfig
 from evl_platform.models.backbone import backbone_spec
+from evl_platform.models.pixels import normalize_pixels
 
 
 def conv_bn_relu(
@@ -66,8 +67,8 @@ class Cnn3d(nn.Module):
         _init_weights(self)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """Maps (N, 3, T, H, W) clips to (N, classes) logits."""
-        x = self.blocks(self.stem(video))  # (N, C, T', H', W')
+        """Maps (N, 3, T, H, W) clips (uint8, or normalised float) to (N, classes) logits."""
+        x = self.blocks(self.stem(normalize_pixels(video, channel_dim=-4)))  # (N, C, T', H', W')
         return self.fc(self.dropout(x.mean(dim=(2, 3, 4))))  # (N, classes)
 
     def new_parameters(self) -> list[nn.Parameter]:

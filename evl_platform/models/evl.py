@@ -63,25 +63,21 @@ class EVL(nn.Module):
         """Runs the backbone on every frame.
 
         Args:
-            video: (N, 3, T, H, W) normalised clips.
+            video: (N, 3, T, H, W) clips, uint8 or normalised float.
 
         Returns:
             One float32 :class:`BlockFeatures` per decoder layer, ``out`` (N, T, L, C) and, when
             T-CA is used, ``q``/``k`` (N, T, L, heads, head_dim).
         """
-        n, _, t = video.shape[:3]
-        frames = video.transpose(1, 2).flatten(0, 1)  # (N*T, 3, H, W)
-        found = self.backbone.forward_features(
-            frames, self.feature_layers, with_qk=self.decoder.uses_qk
+        blocks = extract_blocks(
+            self.backbone, video, self.feature_layers, with_qk=self.decoder.uses_qk
         )
+        return self.select_features(blocks)
 
-        def unflatten(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.float().unflatten(0, (n, t))
-
-        return [
-            BlockFeatures(unflatten(f.out), unflatten(f.q), unflatten(f.k))
-            for f in (found[index] for index in self.feature_layers)
-        ]
+    def select_features(self, blocks: dict[int, BlockFeatures]) -> list[BlockFeatures]:
+        """The features of the blocks this model's decoder layers read, in layer order, from
+        features of (at least) those blocks (:func:`extract_blocks`)."""
+        return [blocks[index] for index in self.feature_layers]
 
     def classify(self, features: Sequence[BlockFeatures]) -> torch.Tensor:
         """Decoder + head on precomputed features (see :meth:`extract_features`)."""
@@ -104,6 +100,24 @@ class EVL(nn.Module):
     def forward_images(self) -> int:
         """Images the backbone has run on (stays 0 while training on cached features)."""
         return self.backbone.forward_images
+
+
+def extract_blocks(
+    backbone: ClipBackbone, video: torch.Tensor, layers: Sequence[int], *, with_qk: bool
+) -> dict[int, BlockFeatures]:
+    """Block index -> float32 features of ``video`` (N, 3, T, H, W) for every block in
+    ``layers``: ``out`` (N, T, L, C) and, with ``with_qk``, ``q``/``k`` (N, T, L, heads,
+    head_dim). One backbone pass serves every decoder that reads any of these blocks."""
+    n, _, t = video.shape[:3]
+    frames = video.transpose(1, 2).flatten(0, 1)  # (N*T, 3, H, W)
+    found = backbone.forward_features(frames, sorted(set(layers)), with_qk=with_qk)
+
+    def unflatten(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.float().unflatten(0, (n, t))
+
+    return {
+        i: BlockFeatures(unflatten(f.out), unflatten(f.q), unflatten(f.k)) for i, f in found.items()
+    }
 
 
 def feature_block_indices(cfg: DecoderConfig, num_blocks: int) -> tuple[int, ...]:
@@ -156,6 +170,12 @@ def create_evl(cfg: ExperimentConfig, *, load_weights: bool = True) -> EVL:
         load_weights: load the backbone's pretrained weights (``False``: seeded random init).
     """
     backbone = create_backbone(cfg.model.backbone, load_weights=load_weights)
+    return evl_on(backbone, cfg)
+
+
+def evl_on(backbone: ClipBackbone, cfg: ExperimentConfig) -> EVL:
+    """The EVL model of ``cfg`` around an existing ``backbone`` (several frozen-backbone
+    models of one pack share one); decoder and head are initialised from the global RNG."""
     feature_layers = feature_block_indices(cfg.model.decoder, backbone.num_layers)
     if backbone.trainable:
         backbone.freeze_unused(max(feature_layers))
