@@ -19,7 +19,6 @@ from evl_platform.runtime.storage import RunRecord
 from evl_platform.tracking import names
 from evl_platform.train.errors import NonFiniteLossError, ResumeError
 from evl_platform.train.inputs import StepSampler
-from evl_platform.train.launcher import check_resumable
 from evl_platform.train.loop import (
     Callback,
     EvalResult,
@@ -36,6 +35,7 @@ from evl_platform.train.loop import (
     fit,
     train_step,
 )
+from evl_platform.train.records import check_resumable
 from evl_platform.train.state import (
     architecture_changes,
     load_checkpoint,

@@ -6,6 +6,7 @@ training batch equals ``model(clips)`` on the same fixed views, up to the storag
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,9 +18,10 @@ from evl_platform.data.annotations import Annotations
 from evl_platform.data.source import DatasetFiles, Split, read_splits, resolve_files
 from evl_platform.features.key import (
     EntryRef,
+    FeatureRead,
     decoder_layers,
+    feature_reads,
     split_entries,
-    tensor_kinds,
     view_set,
 )
 from evl_platform.features.store import FeatureStore, StoredEntry
@@ -63,6 +65,9 @@ class FeatureDataset:
         store: the cache (default: the experiment's, see ``features_root``).
         splits / files: the dataset's annotations and files, when the caller already has
             them (default: read from ``cfg.data``).
+        reads: the ``(block, kind)`` pairs to read (default: what ``cfg``'s decoder reads,
+            :func:`~evl_platform.features.key.feature_reads`); a pack of decoders reads the
+            union of its members', and each item then holds one block per distinct block.
 
     Attributes:
         layers: block read by each decoder layer (``model.feature_layers``).
@@ -83,16 +88,19 @@ class FeatureDataset:
         store: FeatureStore | None = None,
         splits: dict[Split, Annotations] | None = None,
         files: DatasetFiles | None = None,
+        reads: Sequence[FeatureRead] | None = None,
     ) -> None:
         self.cfg = cfg
         self.split: Split = split
         self.store = store or FeatureStore.for_config(cfg)
-        self.layers = decoder_layers(cfg)
-        self.kinds = tensor_kinds(cfg)
+        self.reads = feature_reads(cfg) if reads is None else tuple(sorted(set(reads)))
+        self.layers = (
+            decoder_layers(cfg) if reads is None else tuple(sorted({b for b, _ in self.reads}))
+        )
         self.num_views = view_set(cfg, split).total
         files = files or resolve_files(cfg.data, progress=False)
         annotations = (splits or read_splits(cfg.data, files=files))[split]
-        refs = split_entries(cfg, split, annotations, files)
+        refs = split_entries(cfg, split, annotations, files, reads=self.reads)
         self.entries = {(r.view, r.layer, r.kind): self._open(r) for r in refs}
         self.delivered, self.labels = self._item_tables()
         self.video_ids = tuple(annotations.records[i].video_id for i in self.delivered)
@@ -154,9 +162,9 @@ class FeatureDataset:
             indices=torch.from_numpy(self.delivered[indices]),
         )
 
-    def _wanted(self) -> list[tuple[int, str]]:
+    def _wanted(self) -> tuple[FeatureRead, ...]:
         """Distinct (block, kind) pairs to read (a block read by two layers is read once)."""
-        return [(layer, kind) for layer in sorted(set(self.layers)) for kind in self.kinds]
+        return self.reads
 
     def _read_train(
         self, indices: np.ndarray, views: np.ndarray, layer: int, kind: str

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -81,24 +82,40 @@ def tensor_kinds(cfg: ExperimentConfig) -> tuple[TensorKind, ...]:
     return ("out", *sorted({kind for _, module in modules for kind in module.reads}))
 
 
+FeatureRead = tuple[int, TensorKind]
+"""One tensor a decoder reads from the cache: ``(block, kind)``."""
+
+
+def feature_reads(cfg: ExperimentConfig) -> tuple[FeatureRead, ...]:
+    """The distinct ``(block, kind)`` pairs the experiment's decoder reads, sorted."""
+    return tuple(sorted({(b, k) for b in decoder_layers(cfg) for k in tensor_kinds(cfg)}))
+
+
 def split_entries(
-    cfg: ExperimentConfig, split: Split, annotations: Annotations, files: DatasetFiles
+    cfg: ExperimentConfig,
+    split: Split,
+    annotations: Annotations,
+    files: DatasetFiles,
+    *,
+    reads: Sequence[FeatureRead] | None = None,
 ) -> list[EntryRef]:
-    """Every entry the experiment reads for ``split``: views x distinct blocks x kinds."""
+    """Every entry the experiment reads for ``split``: views x its :func:`feature_reads` (or
+    the given ``reads``: what a pack of decoders on this backbone reads together)."""
     base = split_inputs(cfg, split, annotations, files)
     return [
         entry_ref(base, view=view, layer=layer, kind=kind)
-        for view, layer, kind in entry_coordinates(cfg, split)
+        for view, layer, kind in entry_coordinates(cfg, split, reads=reads)
     ]
 
 
-def entry_coordinates(cfg: ExperimentConfig, split: Split) -> list[tuple[int, int, TensorKind]]:
-    """``(view, block, kind)`` of every entry the experiment reads for ``split``."""
+def entry_coordinates(
+    cfg: ExperimentConfig, split: Split, *, reads: Sequence[FeatureRead] | None = None
+) -> list[tuple[int, int, TensorKind]]:
+    """``(view, block, kind)`` of every entry the experiment (or ``reads``) reads for
+    ``split``."""
+    pairs = feature_reads(cfg) if reads is None else sorted(set(reads))
     return [
-        (view, layer, kind)
-        for view in range(view_set(cfg, split).total)
-        for layer in sorted(set(decoder_layers(cfg)))
-        for kind in tensor_kinds(cfg)
+        (view, layer, kind) for view in range(view_set(cfg, split).total) for layer, kind in pairs
     ]
 
 

@@ -1,7 +1,10 @@
 """Ray's run storage: a local directory or a bucket, and the run record in it.
 
 A run lives under ``<storage>/<run name>/``: Ray Train's checkpoints plus ``evl_run.json``
-(:class:`RunRecord`: MLflow run id, resolved config), which is what ``--resume`` continues.
+(:class:`RunRecord`: MLflow run id, resolved config), which is what ``--resume`` continues. A
+pack (one Ray Train run training several variants' decoders, each its own MLflow run) lives
+under ``<storage>/<pack name>/`` with ``evl_pack.json`` (:class:`PackRecord`: one run record
+per member).
 Records are read and written through pyarrow filesystems, the ones Ray Train writes with, so a
 run in a bucket resumes like a local one.
 """
@@ -19,6 +22,7 @@ if TYPE_CHECKING:
 
 DEFAULT_STORAGE = "ray_results"
 RUN_RECORD = "evl_run.json"
+PACK_RECORD = "evl_pack.json"
 
 
 def resolve_storage(path: str | None) -> str:
@@ -80,6 +84,44 @@ class RunRecord:
             RunRecord.read(storage, i.base_name) for i in listed if i.type.name == "Directory"
         ]
         return [r for r in records if r is not None]
+
+
+@dataclass
+class PackRecord:
+    """``evl_pack.json``: ties a pack's Ray run directory to its members' MLflow runs.
+
+    Attributes:
+        name: the pack's Ray run name (its directory under the storage).
+        members: member key -> its run record (``run_name`` is the member's MLflow run name).
+        created: ISO time the pack was first launched.
+    """
+
+    name: str
+    members: dict[str, RunRecord]
+    created: str
+
+    def write(self, storage: str) -> None:
+        files, base = storage_files(storage)
+        files.create_dir(f"{base}/{self.name}", recursive=True)
+        data = {
+            "name": self.name,
+            "created": self.created,
+            "members": {k: r.__dict__ for k, r in self.members.items()},
+        }
+        with files.open_output_stream(f"{base}/{self.name}/{PACK_RECORD}") as out:
+            out.write(json.dumps(data, indent=2).encode())
+
+    @staticmethod
+    def read(storage: str, name: str) -> PackRecord | None:
+        """The record of pack ``name`` under ``storage``; ``None`` when it has none."""
+        files, base = storage_files(storage)
+        try:
+            with files.open_input_stream(f"{base}/{name}/{PACK_RECORD}") as record:
+                data = json.loads(record.read())
+        except FileNotFoundError:
+            return None
+        members = {k: RunRecord(**r) for k, r in data["members"].items()}
+        return PackRecord(data["name"], members, data["created"])
 
 
 def shared_locations(cfg: ExperimentConfig, storage: str, tracking_uri: str) -> dict[str, str]:

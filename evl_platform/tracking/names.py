@@ -21,6 +21,24 @@ VAL_CLIPS_PER_S = "val/clips_per_s"
 # workers themselves ran the backbone on (zero when every feature came from the cache).
 FEATURES_EXTRACTED_CLIPS = "features/extracted_clips"
 FEATURES_SECONDS = "features/extract_seconds"
+
+# Where a training's wall time went, reported with its last step (never logged to MLflow: a
+# pack's phases belong to all its members at once); see TIME_PHASES.
+TIME_PREFIX = "time/"
+TIME_SYNTHESIS = "time/synthesis_s"  # resolving the data, generating a stand-in
+TIME_FEATURES = "time/features_s"  # extracting the frozen features into the cache
+TIME_STARTUP = "time/startup_s"  # Ray Train start-up, model building, restore, checkpoints
+TIME_TRAIN = "time/train_s"  # optimisation steps (batch loading included)
+TIME_VALIDATION = "time/validation_s"  # validation passes
+TIME_TRACKING = "time/tracking_s"  # MLflow runs, params, artifacts and models
+TIME_PHASES = {
+    TIME_SYNTHESIS: "data synthesis",
+    TIME_FEATURES: "feature extraction",
+    TIME_STARTUP: "Ray/Train start-up",
+    TIME_TRAIN: "training",
+    TIME_VALIDATION: "validation",
+    TIME_TRACKING: "tracking",
+}
 BACKBONE_FORWARD_IMAGES = "train/backbone_forward_images"
 
 # The model's size, logged once at step 0 when the run is created (paper conventions: new
@@ -39,6 +57,24 @@ TAG_GIT_COMMIT = "git_commit"
 TAG_VARIANT = "variant"
 TAG_KIND = "kind"  # one of the KIND_* values below
 TAG_RAY_RUN = "ray_run"  # Ray Train run name (storage_path/<name>): what --resume continues
+TAG_PACK = "evl.pack"  # the pack (one Ray Train run training several decoders) a run was in
+TAG_FAILURE = "evl.failure"  # why a run ended FAILED while the rest of its pack went on
+
+# A pack reports every member's metrics in one Ray Train report, each name prefixed with the
+# member's key and this separator (a run of its own has the key "" and no prefix).
+MEMBER_SEPARATOR = "::"
+
+
+def member_metric(member: str, metric: str) -> str:
+    """The name a pack reports ``member``'s ``metric`` under."""
+    return f"{member}{MEMBER_SEPARATOR}{metric}" if member else metric
+
+
+def split_member_metric(name: str) -> tuple[str, str]:
+    """``(member, metric)`` of a reported name (``member`` is ``""`` without a prefix)."""
+    member, separator, metric = name.partition(MEMBER_SEPARATOR)
+    return (member, metric) if separator else ("", name)
+
 
 # Kinds of run (values of TAG_KIND).
 KIND_TRAIN = "train"  # one training run (alone, or a sweep's trial)

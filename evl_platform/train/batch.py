@@ -1,8 +1,9 @@
 """One batch of the loop, whatever produced it, and the helpers that move or cast it.
 
-A batch's inputs are either decoded clips, (N, C, T, H, W), or backbone features read from
-the frozen-feature cache, one :class:`BlockFeatures` per decoder layer with (N, T, L, C)
-tensors. Evaluation batches carry a view axis after N.
+A batch's inputs are either decoded clips, (N, C, T, H, W) uint8, or backbone features read
+from the frozen-feature cache: one :class:`BlockFeatures` per decoder layer with (N, T, L, C)
+tensors, or (for a pack of decoders) block index -> :class:`BlockFeatures` of every block any
+member reads. Evaluation batches carry a view axis after N.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from evl_platform.models import BlockFeatures
 
-Inputs = torch.Tensor | list[BlockFeatures]
+Inputs = torch.Tensor | list[BlockFeatures] | dict[int, BlockFeatures]
 
 
 @dataclass
@@ -45,7 +46,12 @@ def map_inputs(inputs: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> In
     def apply(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else fn(x)
 
-    return [BlockFeatures(fn(f.out), apply(f.q), apply(f.k), apply(f.attn)) for f in inputs]
+    def block(f: BlockFeatures) -> BlockFeatures:
+        return BlockFeatures(fn(f.out), apply(f.q), apply(f.k), apply(f.attn))
+
+    if isinstance(inputs, dict):
+        return {index: block(f) for index, f in inputs.items()}
+    return [block(f) for f in inputs]
 
 
 def to_device(inputs: Inputs, device: torch.device) -> Inputs:

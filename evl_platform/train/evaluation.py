@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,27 +77,55 @@ def evaluate(
 ) -> EvalResult:
     """Multi-view evaluation: every view of a video is classified and the softmax
     probabilities are averaged over views (paper: 3 temporal x 1 spatial)."""
-    model.eval()
+    return evaluate_members({"": model}, batches, device=device, amp=amp)[""]
+
+
+def evaluate_members(
+    models: Mapping[str, nn.Module],
+    batches: Iterable[InputBatch],
+    *,
+    device: torch.device,
+    amp: torch.dtype | None,
+    shared: Callable[[Inputs], Any] | None = None,
+    select: Mapping[str, Callable[[Any], Inputs]] | None = None,
+) -> dict[str, EvalResult]:
+    """:func:`evaluate` of several models on one pass over the batches: each batch is read
+    (and, with ``shared``, run through the shared frozen backbone) once, and each model
+    classifies ``select[key]`` of it."""
+    for model in models.values():
+        model.eval()
     start = time.perf_counter()
-    indices, labels, probs = [], [], []
+    indices, labels = [], []
+    probs: dict[str, list[np.ndarray]] = {key: [] for key in models}
     with torch.inference_mode():
         for batch in batches:
             inputs = to_device(batch.inputs, device)
             n, views = len(batch), _num_views(inputs)
             flat = map_inputs(inputs, lambda x: x.flatten(0, 1))  # (N * V, ...)
             with autocast(device, amp):
-                logits = model(flat).float()
-            probs.append(logits.softmax(-1).unflatten(0, (n, views)).mean(1).cpu().numpy())
+                common = flat if shared is None else shared(flat)
+                for key, model in models.items():
+                    own = common if select is None else select[key](common)
+                    logits = model(own).float()
+                    probs[key].append(
+                        logits.softmax(-1).unflatten(0, (n, views)).mean(1).cpu().numpy()
+                    )
             labels.append(batch.labels.numpy())
             indices.append(batch.indices.numpy())
-    return EvalResult(
-        indices=np.concatenate(indices).astype(np.int64),
-        labels=np.concatenate(labels).astype(np.int64),
-        probs=np.concatenate(probs).astype(np.float32),
-        seconds=time.perf_counter() - start,
-    )
+    seconds = time.perf_counter() - start
+    return {
+        key: EvalResult(
+            indices=np.concatenate(indices).astype(np.int64),
+            labels=np.concatenate(labels).astype(np.int64),
+            probs=np.concatenate(parts).astype(np.float32),
+            seconds=seconds,
+        )
+        for key, parts in probs.items()
+    }
 
 
 def _num_views(inputs: Inputs) -> int:
-    tensor = inputs if isinstance(inputs, torch.Tensor) else inputs[0].out
-    return tensor.shape[1]
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[1]
+    first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
+    return first.out.shape[1]

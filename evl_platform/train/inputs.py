@@ -7,6 +7,7 @@ at any step by recomputing its epoch and position without replaying earlier batc
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,10 @@ from evl_platform.data.annotations import Annotations
 from evl_platform.data.dataset import VideoLoader
 from evl_platform.data.source import DatasetFiles, create_dataset, read_splits, resolve_files
 from evl_platform.train.loop import InputBatch
+
+if TYPE_CHECKING:
+    from evl_platform.features import FeatureBatch
+    from evl_platform.features.key import FeatureRead
 
 
 class StepSampler(Sampler[int]):
@@ -124,6 +129,9 @@ class FeatureSource:
         cfg: the experiment (its features must have been prepared by the driver).
         rank / world: this worker and the number of workers.
         batch: items per rank per step.
+        reads: for a pack of decoders, the union of the ``(block, kind)`` pairs its members
+            read; batches then hold block index -> features. ``None``: ``cfg``'s decoder
+            layers, one :class:`BlockFeatures` per layer.
     """
 
     def __init__(
@@ -135,11 +143,13 @@ class FeatureSource:
         rank: int,
         world: int,
         batch: int,
+        reads: Sequence[FeatureRead] | None = None,
     ) -> None:
         from evl_platform.features import FeatureDataset
 
-        self.train_set = FeatureDataset(cfg, "train", splits=splits, files=files)
-        self.val_set = FeatureDataset(cfg, "val", splits=splits, files=files)
+        self.blocks = None if reads is None else tuple(sorted({b for b, _ in reads}))
+        self.train_set = FeatureDataset(cfg, "train", splits=splits, files=files, reads=reads)
+        self.val_set = FeatureDataset(cfg, "val", splits=splits, files=files, reads=reads)
         self.sampler = StepSampler(
             len(self.train_set), rank=rank, world=world, batch=batch, seed=cfg.seed
         )
@@ -148,26 +158,38 @@ class FeatureSource:
         self.val_indices = np.arange(rank, len(self.val_set), world)
         self.bad_videos = 0  # counted once, at extraction
 
+    def _batch(self, found: FeatureBatch) -> InputBatch:
+        features = found.features
+        if self.blocks is not None:
+            features = dict(zip(self.blocks, features, strict=True))
+        return InputBatch(features, found.labels, found.indices)
+
     def train_batches(self, epoch: int, first: int) -> Iterator[InputBatch]:
         for indices in self.sampler.batches(epoch, first):
-            found = self.train_set.batch(indices, epoch=epoch)
-            yield InputBatch(found.features, found.labels, found.indices)
+            yield self._batch(self.train_set.batch(indices, epoch=epoch))
 
     def val_batches(self) -> Iterator[InputBatch]:
         for start in range(0, len(self.val_indices), self.batch):
-            found = self.val_set.batch(self.val_indices[start : start + self.batch], epoch=0)
-            yield InputBatch(found.features, found.labels, found.indices)
+            indices = self.val_indices[start : start + self.batch]
+            yield self._batch(self.val_set.batch(indices, epoch=0))
 
 
 def create_source(
-    cfg: ExperimentConfig, *, rank: int, world: int, batch: int, device: torch.device
+    cfg: ExperimentConfig,
+    *,
+    rank: int,
+    world: int,
+    batch: int,
+    device: torch.device,
+    reads: Sequence[FeatureRead] | None = None,
 ) -> tuple[VideoSource | FeatureSource, Sequence[str], Sequence[str]]:
-    """The worker's batch source plus the validation video ids and class names."""
+    """The worker's batch source plus the validation video ids and class names (``reads``:
+    what a pack's members read together from the feature cache, see :class:`FeatureSource`)."""
     files = resolve_files(cfg.data, progress=False)
     splits = read_splits(cfg.data, files=files)
     video_ids = [record.video_id for record in splits["val"].records]
     if cfg.features.reuse:
-        source = FeatureSource(cfg, splits, files, rank=rank, world=world, batch=batch)
+        source = FeatureSource(cfg, splits, files, rank=rank, world=world, batch=batch, reads=reads)
     else:
         source = VideoSource(
             cfg, splits, rank=rank, world=world, batch=batch, pin_memory=device.type == "cuda"

@@ -13,20 +13,19 @@ public names are re-exported here).
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from torch import nn
 
 from evl_platform.config import TrainConfig
 from evl_platform.tracking import names
-from evl_platform.train.batch import InputBatch, map_inputs, to_device
-from evl_platform.train.errors import NonFiniteLossError
-from evl_platform.train.evaluation import EvalResult, evaluate
+from evl_platform.train.batch import InputBatch, Inputs, map_inputs, to_device
+from evl_platform.train.evaluation import EvalResult, evaluate, evaluate_members
+from evl_platform.train.member import Member, RngState, Window, stop_non_finite
 from evl_platform.train.step import (
     EVLForward,
     Optimization,
@@ -44,8 +43,11 @@ __all__ = [
     "EVLForward",
     "EvalResult",
     "InputBatch",
+    "Member",
     "Optimization",
     "Report",
+    "RngState",
+    "SharedForward",
     "SingleProcess",
     "StepResult",
     "StepTimer",
@@ -57,7 +59,9 @@ __all__ = [
     "create_scaler",
     "create_schedule",
     "evaluate",
+    "evaluate_members",
     "fit",
+    "fit_members",
     "map_inputs",
     "to_device",
     "train_metrics",
@@ -137,30 +141,6 @@ class SingleProcess:
 
 
 @dataclass
-class Window:
-    """Training statistics of this worker's steps since the last logged step.
-
-    Attributes:
-        loss_sum: loss times clips, summed.
-        hits: top-1 hits.
-        clips: clips trained on.
-        seconds: wall time of the steps (batch loading and the update; not logging,
-            validation or checkpoints).
-    """
-
-    loss_sum: float = 0.0
-    hits: int = 0
-    clips: int = 0
-    seconds: float = 0.0
-
-    def add(self, result: StepResult, seconds: float) -> None:
-        self.loss_sum += result.loss * result.clips
-        self.hits += result.hits
-        self.clips += result.clips
-        self.seconds += seconds
-
-
-@dataclass
 class Report:
     """What one step that logs, validates or checkpoints hands to :meth:`Callback.on_report`.
 
@@ -195,6 +175,11 @@ class Callback:
         """At every step that logs, validates or checkpoints, after validation."""
 
 
+SharedForward = Callable[[Inputs], Any]
+"""What a pack computes once per batch for all its members (the frozen backbone's features of
+the blocks any member reads); each member's ``select`` picks its own inputs from it."""
+
+
 def fit(
     net: EVLForward | nn.parallel.DistributedDataParallel,
     source: TrainSource,
@@ -206,23 +191,8 @@ def fit(
     collective: Collective | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> Report | None:
-    """Trains from ``start_step`` to ``cfg.num_steps``.
-
-    Every ``cfg.log_every`` steps the metric window is summed over the workers and turned into
-    train metrics, every ``cfg.eval_every`` steps the model is validated, every
-    ``cfg.checkpoint_every`` steps a checkpoint is due (the callbacks write it); the last step
-    does all three. The step time excludes the time spent in these.
-
-    Args:
-        net: the model under :class:`EVLForward` (DDP-wrapped with several workers).
-        source: the batches.
-        cfg: the schedule (``num_steps``, ``log_every``, ``eval_every``, ``checkpoint_every``,
-            ``batch_split``).
-        optimization: optimizer, schedule, scaler, device and autocast dtype.
-        start_step: steps already done (a resumed run's restored step).
-        device_seconds: device time already spent (restored with the step).
-        collective: how the workers' numbers combine (default: one process).
-        callbacks: told about every step, every logging step and every report.
+    """Trains one model from ``start_step`` to ``cfg.num_steps`` (:func:`fit_members` with one
+    member).
 
     Returns:
         The last step's report; ``None`` if ``start_step`` is already ``cfg.num_steps``.
@@ -230,41 +200,132 @@ def fit(
     Raises:
         NonFiniteLossError: a step's loss on this worker is NaN or infinite.
     """
+    member = Member("", net, optimization, callbacks)
+    reports = fit_members(
+        [member],
+        source,
+        cfg,
+        start_step=start_step,
+        device_seconds={"": device_seconds},
+        collective=collective,
+    )
+    return reports.get("")
+
+
+def fit_members(
+    members: Sequence[Member],
+    source: TrainSource,
+    cfg: TrainConfig,
+    *,
+    start_step: int = 0,
+    device_seconds: Mapping[str, float] | None = None,
+    collective: Collective | None = None,
+    shared: SharedForward | None = None,
+    select: Mapping[str, Callable[[Any], Inputs]] | None = None,
+    after_report: Callable[[int, dict[str, Report]], None] | None = None,
+) -> dict[str, Report]:
+    """Trains every member from ``start_step`` to ``cfg.num_steps`` on the same batches.
+
+    Every ``cfg.log_every`` steps each member's metric window is summed over the workers and
+    turned into train metrics, every ``cfg.eval_every`` steps the members are validated, every
+    ``cfg.checkpoint_every`` steps a checkpoint is due (the callbacks write it); the last step
+    does all three. The step time excludes the time spent in these. Per batch, ``shared`` (if
+    given) runs once and each member reads ``select[key]`` of its result; then each member takes
+    its optimisation step in turn. A member whose loss is not finite (on any worker) stops with
+    its :attr:`Member.failure`, the others go on; with one member, or when the last one stops,
+    the error is raised.
+
+    Args:
+        members: the models, each with its optimisation and callbacks.
+        source: the batches.
+        cfg: the schedule (``num_steps``, ``log_every``, ``eval_every``, ``checkpoint_every``,
+            ``batch_split``), the same for every member.
+        start_step: steps already done (a resumed run's restored step).
+        device_seconds: device time each member already spent (restored with the step).
+        collective: how the workers' numbers combine (default: one process).
+        shared: the per-batch computation the members share (default: none, each member
+            reads the batch's inputs).
+        select: member key -> its inputs from ``shared``'s result.
+        after_report: called at every reporting step with every running member's report,
+            after their callbacks (a pack writes its one checkpoint here).
+
+    Returns:
+        The last step's report of every member that did not stop (empty if ``start_step`` is
+        already ``cfg.num_steps``).
+
+    Raises:
+        NonFiniteLossError: the loss of the only member, or of the last one running, is NaN
+            or infinite.
+    """
     if start_step >= cfg.num_steps:
-        return None
+        return {}
     collective = collective or SingleProcess()
-    window, timer = Window(), StepTimer()
+    spent = {m.key: (device_seconds or {}).get(m.key, 0.0) for m in members}
+    timer = StepTimer()
+    running = [m for m in members if m.failure is None]
+    if not running:
+        return {}
     for step, batch in batches_from(start_step, source.steps_per_epoch, source.train_batches):
-        result = _step(net, batch, optimization, cfg.batch_split)
-        window.add(result, timer.lap())
         done = step + 1
-        if not math.isfinite(result.loss):
-            raise NonFiniteLossError(done, result.loss)
-        for callback in callbacks:
-            callback.on_step(done, result)
+        inputs = batch.inputs if shared is None else shared(batch.inputs)
+        shared_seconds = timer.lap() / max(1, len(running))
+        results = {}
+        for member in running:
+            own = inputs if select is None else select[member.key](inputs)
+            with member.own_rng():
+                results[member.key] = _step(
+                    member.net,
+                    InputBatch(own, batch.labels, batch.indices),
+                    member.optimization,
+                    cfg.batch_split,
+                )
+            member.window.add(results[member.key], timer.lap() + shared_seconds)
+        running = stop_non_finite(running, results, done, collective)
+        for member in running:
+            for callback in member.callbacks:
+                callback.on_step(done, results[member.key])
         last = done == cfg.num_steps
-        metrics: dict[str, float] = {}
+        metrics: dict[str, dict[str, float]] = {m.key: {} for m in running}
         if done % cfg.log_every == 0 or last:
-            metrics, seconds = train_metrics(window, net, source, optimization, collective)
-            device_seconds += seconds
-            metrics[names.DEVICE_HOURS] = device_seconds / 3600
-            for callback in callbacks:
-                callback.on_train_metrics(done, metrics)
-            window = Window()
-        validation = None
+            for member in running:
+                found, seconds = train_metrics(
+                    member.window, member.net, source, member.optimization, collective
+                )
+                spent[member.key] += seconds
+                found[names.DEVICE_HOURS] = spent[member.key] / 3600
+                for callback in member.callbacks:
+                    callback.on_train_metrics(done, found)
+                metrics[member.key] = found
+                member.window = Window()
+        validations: dict[str, EvalResult] = {}
         if done % cfg.eval_every == 0 or last:
-            local = evaluate(
-                net, source.val_batches(), device=optimization.device, amp=optimization.amp
+            device, amp = running[0].optimization.device, running[0].optimization.amp
+            local = evaluate_members(
+                {m.key: m.net for m in running},
+                source.val_batches(),
+                device=device,
+                amp=amp,
+                shared=shared,
+                select=select,
             )
-            validation = collective.gather(local)
-            metrics |= validation_metrics(validation)
+            for key, result in local.items():
+                validations[key] = collective.gather(result)
+                metrics[key] |= validation_metrics(validations[key])
         checkpoint = done % cfg.checkpoint_every == 0 or last
-        if metrics or checkpoint:
-            report = Report(done, metrics, checkpoint, last, device_seconds, validation)
-            for callback in callbacks:
-                callback.on_report(report)
+        if any(metrics.values()) or checkpoint:
+            reports = {
+                m.key: Report(
+                    done, metrics[m.key], checkpoint, last, spent[m.key], validations.get(m.key)
+                )
+                for m in running
+            }
+            for member in running:
+                for callback in member.callbacks:
+                    callback.on_report(reports[member.key])
+            if after_report is not None:
+                after_report(done, reports)
             if last:
-                return report
+                return reports
             timer.lap()  # logging, validation and checkpoints are not step time
     raise AssertionError("unreachable: batches_from never ends")
 

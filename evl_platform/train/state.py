@@ -1,24 +1,33 @@
 """Checkpoint contents: trainable weights, optimizer, schedule, scaler, step, RNG and config.
 
 A checkpoint directory holds ``state.pt`` (written by rank 0), one ``rng_rank<r>.pt`` per
-worker, ``config.yaml`` (the resolved config) and ``meta.json`` (step, MLflow run id). Every
-``torch.load`` uses ``weights_only=True``.
+worker, ``config.yaml`` (the resolved config) and ``meta.json`` (step, MLflow run id). A
+pack's checkpoint holds one such directory per member, named by its key, and ``pack.json``
+(which members stopped, and why). Every ``torch.load`` uses ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from evl_platform.config import ExperimentConfig, dump_config, flatten_config
+from evl_platform.train.errors import NonFiniteLossError
+
+if TYPE_CHECKING:
+    from evl_platform.train.loop import Member
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
+PACK_FILE = "pack.json"
+FINAL_FILES = "final"  # the run files the last checkpoint carries to the driver
 # Fields that change the model's architecture or its weights' meaning: a resume must match.
 ARCHITECTURE_PREFIXES = ("model.",)
 ARCHITECTURE_KEYS = ("data.num_classes", "data.num_frames")
@@ -134,3 +143,22 @@ def architecture_changes(saved: ExperimentConfig, current: ExperimentConfig) -> 
     old, new = flatten_config(saved), flatten_config(current)
     keys = sorted(k for k in old.keys() | new.keys() if is_architecture_key(k))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def write_pack_state(directory: Path, members: Sequence[Member]) -> None:
+    """Writes ``pack.json``: the members that stopped (non-finite loss), with step and loss."""
+    failed = {
+        m.key: {"step": m.failure.step, "loss": str(m.failure.loss)}
+        for m in members
+        if m.failure is not None
+    }
+    (directory / PACK_FILE).write_text(json.dumps({"failed": failed}, indent=2))
+
+
+def read_pack_state(directory: Path) -> dict[str, NonFiniteLossError]:
+    """The stopped members of a checkpoint's ``pack.json`` (none for a run of its own)."""
+    path = directory / PACK_FILE
+    if not path.is_file():
+        return {}
+    failed = json.loads(path.read_text())["failed"]
+    return {k: NonFiniteLossError(v["step"], float(v["loss"])) for k, v in failed.items()}

@@ -1,7 +1,9 @@
-"""The Ray Train worker: one process per device, a thin adapter around :func:`.loop.fit`.
+"""The Ray Train worker: one process per device, a thin adapter around :func:`.loop.fit_members`.
 
-The worker builds the model, optimizer and batch source, restores the checkpoint, and hands
-``fit`` its callbacks. Metrics go to ``ray.train.report`` (logged to MLflow once, by the
+The worker trains one model, or a pack of decoders on one frozen backbone (a sweep's packed
+trial: the backbone runs once per batch, see :mod:`evl_platform.train.pack`). It builds the
+models, optimizers and batch source, restores the checkpoint, and hands ``fit_members`` its
+callbacks. Metrics go to ``ray.train.report`` (logged to MLflow once, by the
 controller callback); every ``checkpoint_every`` steps rank 0 writes the weights and optimizer
 state and every rank its RNG state; the final checkpoint also carries the files the driver
 uploads as run artifacts (per-video scores, per-class accuracy, confusion matrix, trained
@@ -16,7 +18,7 @@ from __future__ import annotations
 import datetime
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,6 @@ import torch.distributed as dist
 from torch import nn
 
 from evl_platform.config import ExperimentConfig
-from evl_platform.models import create_model
 from evl_platform.tracking import names
 from evl_platform.tracking.artifacts import (
     scores_frame,
@@ -41,16 +42,21 @@ from evl_platform.train.loop import (
     Callback,
     EvalResult,
     EVLForward,
+    Member,
     Optimization,
     Report,
     StepResult,
-    fit,
+    fit_members,
 )
+from evl_platform.train.pack import build_pack
 from evl_platform.train.state import (
+    FINAL_FILES,
     TrainingState,
     load_checkpoint,
+    read_pack_state,
     save_checkpoint,
     trainable_state,
+    write_pack_state,
 )
 
 STEP = "step"
@@ -62,6 +68,7 @@ class WorkerStep:
 
     Attributes:
         step: steps done (1-based).
+        member: the member's key in a pack (``""`` for a run of its own).
         rank: this worker's rank.
         world: the number of workers.
         model: this worker's model (the EVL model, not its DDP wrapper).
@@ -73,6 +80,7 @@ class WorkerStep:
     world: int
     model: nn.Module
     loss: float
+    member: str = ""
 
 
 WorkerHook = Callable[[WorkerStep], None]
@@ -139,62 +147,89 @@ class Progress(Callback):
 class Hooks(Callback):
     """Calls the run's :data:`WorkerHook` functions after every step."""
 
-    def __init__(self, hooks: Sequence[WorkerHook], *, rank: int, world: int, model: nn.Module):
+    def __init__(
+        self, hooks: Sequence[WorkerHook], *, rank: int, world: int, model: nn.Module, member: str
+    ):
         self.hooks, self.rank, self.world, self.model = hooks, rank, world, model
+        self.member = member
 
     def on_step(self, step: int, result: StepResult) -> None:
-        event = WorkerStep(step, self.rank, self.world, self.model, result.loss)
+        event = WorkerStep(step, self.rank, self.world, self.model, result.loss, self.member)
         for hook in self.hooks:
             hook(event)
 
 
-class RayReport(Callback):
-    """Reports to Ray Train, with a checkpoint (and the run's files, at the end) when due."""
+class RayReport:
+    """Reports every member's metrics to Ray Train in one report per reporting step, with one
+    checkpoint holding every member (and, at the end, the files the driver uploads)."""
 
     def __init__(
         self,
-        cfg: ExperimentConfig,
+        members: Sequence[Member],
+        cfgs: Mapping[str, ExperimentConfig],
+        run_ids: Mapping[str, str],
         *,
         rank: int,
-        run_id: str,
-        model: nn.Module,
-        optimization: Optimization,
         video_ids: Sequence[str],
         class_names: Sequence[str],
     ) -> None:
-        self.cfg, self.rank, self.run_id = cfg, rank, run_id
-        self.model, self.optimization = model, optimization
+        self.members, self.cfgs, self.run_ids, self.rank = members, cfgs, run_ids, rank
         self.video_ids, self.class_names = video_ids, class_names
+        self.world = 1
+        self.validation_seconds = 0.0
 
-    def on_report(self, report: Report) -> None:
-        payload = {STEP: report.step, **report.metrics}
-        if not report.checkpoint:
+    def timings(self, reports: Mapping[str, Report]) -> dict[str, float]:
+        """This worker loop's step and validation time (the last report's payload)."""
+        steps = sum(r.device_seconds for r in reports.values()) / self.world
+        return {names.TIME_TRAIN: steps, names.TIME_VALIDATION: self.validation_seconds}
+
+    def __call__(self, step: int, reports: dict[str, Report]) -> None:
+        payload: dict[str, Any] = {STEP: step}
+        for key, report in reports.items():
+            payload |= {names.member_metric(key, k): v for k, v in report.metrics.items()}
+        validated = [r.validation.seconds for r in reports.values() if r.validation is not None]
+        self.validation_seconds += max(validated, default=0.0)
+        if any(r.last for r in reports.values()):
+            payload |= self.timings(reports)
+        if not any(r.checkpoint for r in reports.values()):
             ray.train.report(payload)
             return
-        optimization = self.optimization
         with tempfile.TemporaryDirectory() as directory:
+            root = Path(directory)
+            for member in self.members:
+                if member.key in reports:
+                    self._save(member, reports[member.key], root / member.key)
+            if self.rank == 0:
+                write_pack_state(root, self.members)
+            ray.train.report(
+                payload,
+                checkpoint=ray.train.Checkpoint.from_directory(directory),
+                checkpoint_dir_name=f"checkpoint_{step:08d}",
+            )
+
+    def _save(self, member: Member, report: Report, directory: Path) -> None:
+        cfg, optimization = self.cfgs[member.key], member.optimization
+        model = unwrap(member.net)
+        with member.own_rng():  # the member's own RNG state goes into its rng file
             save_checkpoint(
-                Path(directory),
+                directory,
                 rank=self.rank,
-                model=self.model,
+                model=model,
                 optimizer=optimization.optimizer,
                 scheduler=optimization.scheduler,
                 scaler=optimization.scaler,
                 step=report.step,
                 device_seconds=report.device_seconds,
-                cfg=self.cfg,
-                run_id=self.run_id,
+                cfg=cfg,
+                run_id=self.run_ids[member.key],
                 metrics=report.metrics,
             )
-            if self.rank == 0 and report.last and report.validation is not None:
-                self._write_final_files(report.validation, Path(directory) / "final")
-            ray.train.report(
-                payload,
-                checkpoint=ray.train.Checkpoint.from_directory(directory),
-                checkpoint_dir_name=f"checkpoint_{report.step:08d}",
-            )
+        if self.rank == 0 and report.last and report.validation is not None:
+            self._write_final_files(cfg, model, report.validation, directory / FINAL_FILES)
 
-    def _write_final_files(self, result: EvalResult, directory: Path) -> None:
+    def _write_final_files(
+        self, cfg: ExperimentConfig, model: nn.Module, result: EvalResult, directory: Path
+    ) -> None:
         """The run's artifacts, carried by the last checkpoint to the driver."""
         directory.mkdir()
         classes = list(self.class_names)
@@ -207,9 +242,16 @@ class RayReport(Callback):
             result.confusion(len(classes)),
             classes,
             directory / names.ARTIFACT_CONFUSION,
-            title=f"{self.cfg.name}: {self.cfg.data.dataset} val (top-1 {result.topk(1):.1f}%)",
+            title=f"{cfg.name}: {cfg.data.dataset} val (top-1 {result.topk(1):.1f}%)",
         )
-        torch.save(trainable_state(self.model), directory / names.ARTIFACT_WEIGHTS)
+        torch.save(trainable_state(model), directory / names.ARTIFACT_WEIGHTS)
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The EVL model under its :class:`EVLForward` (and DDP) wrapper."""
+    if isinstance(net, nn.parallel.DistributedDataParallel):
+        net = net.module
+    return net.model
 
 
 def _quiet_report_logs() -> None:
@@ -232,71 +274,95 @@ def _match_threads_to_cpus() -> None:
 
 
 def _restore(
-    cfg: ExperimentConfig, model: nn.Module, optimization: Optimization, *, rank: int, run_id: str
-) -> TrainingState:
-    """The state of Ray Train's checkpoint (after a restart or ``--resume``), else step 0."""
+    members: Sequence[Member], cfgs: Mapping[str, ExperimentConfig], *, rank: int
+) -> tuple[int, dict[str, TrainingState]]:
+    """The step and per-member state of Ray Train's checkpoint (after a restart or
+    ``--resume``), else step 0; members that had stopped get their failure back."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return TrainingState(0, 0.0, run_id)
+        return 0, {}
+    states = {}
     with checkpoint.as_directory() as directory:
-        state = load_checkpoint(
-            Path(directory),
-            rank=rank,
-            model=model,
-            optimizer=optimization.optimizer,
-            scheduler=optimization.scheduler,
-            scaler=optimization.scaler,
-        )
+        root = Path(directory)
+        failures = read_pack_state(root)
+        for member in members:
+            if member.key in failures:
+                member.failure = failures[member.key]
+                continue
+            optimization = member.optimization
+            with member.own_rng():  # its rng file becomes the member's RNG state
+                states[member.key] = load_checkpoint(
+                    root / member.key,
+                    rank=rank,
+                    model=unwrap(member.net),
+                    optimizer=optimization.optimizer,
+                    scheduler=optimization.scheduler,
+                    scaler=optimization.scaler,
+                )
+    step = next(iter(states.values())).step if states else 0
     if rank == 0:
-        print(f"[{cfg.name}] restored step {state.step} from {checkpoint.path}", flush=True)
-    return state
+        names_ = ", ".join(cfgs[k].name for k in states)
+        print(f"[{names_}] restored step {step} from {checkpoint.path}", flush=True)
+    return step, states
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. ``config``: ``experiment`` (the resolved config as a dict),
-    ``run_id`` (MLflow), ``worker_hooks`` (:data:`WorkerHook` functions, may be absent)."""
-    cfg = ExperimentConfig.model_validate(config["experiment"])
+    """Ray Train entry point. ``config``: ``members``, one ``{key, experiment, run_id}`` per
+    model (``experiment`` the resolved config as a dict, ``run_id`` its MLflow run; one member
+    with key ``""`` for a run of its own, several for a pack), and ``worker_hooks``
+    (:data:`WorkerHook` functions, may be absent)."""
+    cfgs = {m["key"]: ExperimentConfig.model_validate(m["experiment"]) for m in config["members"]}
+    run_ids = {m["key"]: m["run_id"] for m in config["members"]}
+    lead = next(iter(cfgs.values()))
     _quiet_report_logs()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed * 1000 + rank)
     _match_threads_to_cpus()
-    if cfg.train.batch_size % world:
-        raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world}")
+    if lead.train.batch_size % world:
+        raise ValueError(f"train.batch_size {lead.train.batch_size} is not divisible by {world}")
 
-    model = create_model(cfg, load_weights=not cfg.features.reuse).to(device)
-    net: nn.Module = EVLForward(model)
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
-    optimization = Optimization.create(model, cfg.train, device)
-    state = _restore(cfg, model, optimization, rank=rank, run_id=config["run_id"])
+    built = build_pack(cfgs, device=device, rank=rank)
+    members = []
+    for key, model in built.models.items():
+        net: nn.Module = EVLForward(model)
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        optimization = Optimization.create(model, cfgs[key].train, device)
+        hooks = Hooks(
+            config.get("worker_hooks") or (), rank=rank, world=world, model=model, member=key
+        )
+        members.append(Member(key, net, optimization, [hooks], rng=built.rngs.get(key)))
+    step, states = _restore(members, cfgs, rank=rank)
     source, video_ids, class_names = create_source(
-        cfg, rank=rank, world=world, batch=cfg.train.batch_size // world, device=device
+        lead,
+        rank=rank,
+        world=world,
+        batch=lead.train.batch_size // world,
+        device=device,
+        reads=built.reads if built.shared is not None and lead.features.reuse else None,
     )
-    if state.metrics:  # the driver may have died between saving and logging them
-        ray.train.report({STEP: state.step, **state.metrics})
-    callbacks = [
-        Progress(cfg, rank=rank, start=state.step),
-        Hooks(config.get("worker_hooks") or (), rank=rank, world=world, model=model),
-        RayReport(
-            cfg,
-            rank=rank,
-            run_id=config["run_id"],
-            model=model,
-            optimization=optimization,
-            video_ids=video_ids,
-            class_names=class_names,
-        ),
-    ]
-    fit(
-        net,
+    replay = {STEP: step}
+    for key, state in states.items():  # the driver may have died between saving and logging
+        replay |= {names.member_metric(key, k): v for k, v in (state.metrics or {}).items()}
+    if len(replay) > 1:
+        ray.train.report(replay)
+    for member in members:
+        progress = Progress(cfgs[member.key], rank=rank, start=step)
+        member.callbacks = [progress, *member.callbacks]
+    report = RayReport(
+        members, cfgs, run_ids, rank=rank, video_ids=video_ids, class_names=class_names
+    )
+    report.world = world
+    fit_members(
+        members,
         source,
-        cfg.train,
-        optimization=optimization,
-        start_step=state.step,
-        device_seconds=state.device_seconds,
+        lead.train,
+        start_step=step,
+        device_seconds={k: s.device_seconds for k, s in states.items()},
         collective=ProcessGroup(device, world),
-        callbacks=callbacks,
+        shared=built.shared,
+        select=built.select,
+        after_report=report,
     )
