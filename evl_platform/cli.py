@@ -70,8 +70,11 @@ def _add_sweep_command(commands: argparse._SubParsersAction) -> None:
         "table. Prints one line per trial start, validation and end, then the results table "
         "(variant x dataset, mean ± std over seeds) and where it was written. The local "
         "profile (default) runs on the synthetic stand-ins with the tiny backbone: frozen "
-        "features are extracted once and shared by every trial. After Ctrl-C or a killed "
-        "driver, --resume finishes the sweep without rerunning finished trials.",
+        "features are extracted once and shared by every trial. Variants of a grid that "
+        "differ only in their decoder, head or its optimisation train as packs: one Tune trial "
+        "and one backbone pass per batch for the whole pack, each variant still its own run "
+        "(--no-pack: one trial each). After Ctrl-C or a killed driver, --resume finishes the "
+        "sweep without rerunning finished trials. The sweep ends with where its time went.",
     )
     add_ablation_arguments(sweep)
     sweep.add_argument(
@@ -89,7 +92,13 @@ def _add_sweep_command(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the trial table (variant, dataset, seed, overrides) and exit",
+        help="print the trial table (variant, dataset, seed, overrides) and the packs, and exit",
+    )
+    sweep.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="one Tune trial (one TorchTrainer) per variant, instead of packs of variants "
+        "trained on one frozen-backbone pass (the ablation file's sweep.pack_size)",
     )
     add_cluster_arguments(sweep)
     sweep.set_defaults(handler=_sweep)
@@ -159,8 +168,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from evl_platform.sweep.packs import packing_table
     from evl_platform.sweep.plan import dry_run_table
-    from evl_platform.sweep.runner import SweepOptions, plan, run_sweep
+    from evl_platform.sweep.runner import SweepOptions, plan, plan_packing, run_sweep
 
     options = SweepOptions(
         profile=args.profile,
@@ -171,10 +181,13 @@ def _sweep(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         storage_path=args.storage_path,
         overrides=args.overrides,
+        pack=not args.no_pack,
     )
     planned = plan(args.ablation, options)
     if args.dry_run:
         print(dry_run_table(planned))
+        if planned.ablation.spec.search is None:
+            print(packing_table(plan_packing(planned, options)))
         return 0
     outcome = run_sweep(planned, options)
     print()
@@ -182,6 +195,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if outcome.ensembles is not None:
         print()
         print(outcome.ensembles.terminal())
+    print()
+    print(outcome.breakdown())
     print(
         f"\nresults: {outcome.results_dir} (results.md, results.csv); MLflow parent run "
         f"{outcome.parent_run_id}; {outcome.seconds / 60:.1f} min"

@@ -1,7 +1,7 @@
 """Sweeps on real Ray Tune + Ray Train with a real MLflow store (sqlite).
 
 A reduced ablation (2 variants of the micro backbone on the small motion stand-in, a few
-steps) is killed mid-way with SIGKILL and finished with ``--resume``: the store must then
+steps, one Tune trial each) is killed mid-way with SIGKILL and finished with ``--resume``: the store must then
 hold one parent run with exactly one finished run per trial, and the trial that had finished
 before the kill must not have been run again. The ensemble stage is checked on score files.
 """
@@ -79,6 +79,7 @@ def test_killed_sweep_is_finished_by_resume_with_one_run_per_trial(
     ablation = _reduced_ablation(tmp_path, motion_small)
     args = [
         str(ablation),
+        "--no-pack",  # one Tune trial per variant (a packed sweep: test_pack_ray.py)
         "--max-concurrent",
         "1",
         "--tracking-uri",
@@ -119,6 +120,7 @@ def test_killed_sweep_is_finished_by_resume_with_one_run_per_trial(
         ablation,
         SweepOptions(
             resume=True,
+            pack=False,
             max_concurrent=1,
             tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
             storage_path=str(tmp_path / "storage"),

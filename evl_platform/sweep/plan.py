@@ -52,7 +52,7 @@ class Trial:
     @property
     def slug(self) -> str:
         """The key as a file-name-safe run name part."""
-        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.key).strip("-")
+        return slug(self.key)
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -82,6 +82,11 @@ class Trial:
                 "config": None if config is None else ExperimentConfig.model_validate(config),
             }
         )
+
+
+def slug(key: str) -> str:
+    """A trial key as a file-name-safe run name part (and a pack member's key)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", key).strip("-")
 
 
 def override_strings(values: Mapping[str, Any]) -> list[str]:

@@ -17,13 +17,15 @@ from pathlib import Path
 from evl_platform.runtime.cluster import check_shared
 from evl_platform.runtime.session import ray_session, use_cluster_defaults
 from evl_platform.runtime.storage import resolve_storage, shared_locations
+from evl_platform.sweep.packs import Packing, pack_todo, packing_table
 from evl_platform.sweep.plan import SweepPlan, Trial, plan_sweep
 from evl_platform.sweep.results import ResultsTable
-from evl_platform.sweep.runs import SweepParent, open_parent, triage, trial_runs
+from evl_platform.sweep.runs import SweepParent, TrialTodo, open_parent, triage, trial_runs
 from evl_platform.sweep.summary import failed_trials, results_table, write_results
 from evl_platform.sweep.trials import run_grid, sweep_context
 from evl_platform.tracking import names
 from evl_platform.tracking.client import Tracker
+from evl_platform.tracking.phases import Clock, breakdown
 
 
 @dataclass
@@ -41,6 +43,9 @@ class SweepOptions:
         overrides: extra dotted overrides applied to every trial (``--set``).
         tags: extra tags on the parent run.
         quiet: no per-trial progress lines.
+        pack: train variants that share their backbone-side inputs as packs, one backbone
+            pass per batch for all of them (:mod:`.packs`); ``False`` (``--no-pack``): one
+            Tune trial per variant.
     """
 
     profile: str | None = None
@@ -53,6 +58,7 @@ class SweepOptions:
     overrides: Sequence[str] = ()
     tags: dict[str, str] = field(default_factory=dict)
     quiet: bool = False
+    pack: bool = True
 
 
 @dataclass
@@ -68,6 +74,12 @@ class SweepOutcome:
     trial_runs: dict[str, str]
     failed: list[str]
     seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    tune_trials: int = 0
+
+    def breakdown(self) -> str:
+        """Where the time went, phase by phase (see :func:`.phases.breakdown`)."""
+        return breakdown(self.timings, wall=self.seconds, trials=self.tune_trials)
 
 
 def plan(path: str | Path, options: SweepOptions) -> SweepPlan:
@@ -75,6 +87,18 @@ def plan(path: str | Path, options: SweepOptions) -> SweepPlan:
     once on the driver; see :func:`~evl_platform.sweep.plan.plan_sweep`."""
     return plan_sweep(
         path, profile=options.profile, seeds=options.seeds, overrides=options.overrides
+    )
+
+
+def plan_packing(planned: SweepPlan, options: SweepOptions) -> Packing:
+    """How a fresh run of the plan packs its trials (what ``--dry-run`` prints)."""
+    spec = planned.ablation.spec
+    return pack_todo(
+        [TrialTodo(t) for t in planned.trials if t.scores is None],
+        enabled=options.pack,
+        pack_size=spec.sweep.pack_size,
+        use_gpu=spec.resources.use_gpu,
+        num_workers=spec.resources.num_workers,
     )
 
 
@@ -136,31 +160,50 @@ def _run_trials(
 ) -> SweepOutcome:
     """Runs what is left of the sweep and writes its results (inside the Ray session)."""
     spec = planned.ablation.spec
-    done, todo = triage(tracker, spec.name, parent, planned.trials, storage)
+    clock = Clock()
+    with clock.phase(names.TIME_TRACKING):
+        done, todo = triage(tracker, spec.name, parent, planned.trials, storage)
     if done:
         print(f"resuming: {len(done)} trials already finished, {len(todo)} to run")
-    prepare_features([t.trial for t in todo], use_gpu=spec.resources.use_gpu)
+    with clock.phase(names.TIME_SYNTHESIS):
+        resolve_data([t.trial for t in todo])
+    with clock.phase(names.TIME_FEATURES):
+        prepare_features([t.trial for t in todo], use_gpu=spec.resources.use_gpu)
     context = sweep_context(planned, parent, storage, tracker.uri)
+    tune_trials = 0
     if spec.search is not None:
         from evl_platform.sweep.search import run_search
 
         run_search(planned, tracker, parent, context, max_concurrent=options.max_concurrent)
     elif todo:
-        run_grid(
-            planned,
+        packing = pack_todo(
             todo,
+            enabled=options.pack,
+            pack_size=spec.sweep.pack_size,
+            use_gpu=spec.resources.use_gpu,
+            num_workers=spec.resources.num_workers,
+        )
+        print(packing_table(packing), flush=True)
+        results = run_grid(
+            planned,
+            packing.packs,
             context,
             max_concurrent=options.max_concurrent,
             finished_before=len(done),
             quiet=options.quiet,
         )
-    runs = trial_runs(tracker, spec.name, parent.run_id)
-    table = results_table(planned, runs)
+        tune_trials = len(results)
+        for result in results:
+            clock.add(result)
+    with clock.phase(names.TIME_TRACKING):
+        runs = trial_runs(tracker, spec.name, parent.run_id)
+        table = results_table(planned, runs)
     ensembles = None
     if spec.ensemble is not None:
         from evl_platform.sweep.ensembles import run_ensembles
 
-        ensembles = run_ensembles(planned, tracker, parent, runs)
+        with clock.phase(names.TIME_TRACKING):
+            ensembles = run_ensembles(planned, tracker, parent, runs)
     return SweepOutcome(
         parent_run_id=parent.run_id,
         run_name=parent.name,
@@ -171,7 +214,21 @@ def _run_trials(
         trial_runs={k: r.info.run_id for k, r in runs.items()},
         failed=[] if spec.search is not None else failed_trials(planned.trials, runs),
         seconds=0.0,
+        timings=clock.seconds,
+        tune_trials=tune_trials,
     )
+
+
+def resolve_data(trials: Sequence[Trial]) -> None:
+    """Resolves every dataset the trials read once, generating stand-ins that are missing
+    (so that no trial waits for another's generation)."""
+    from evl_platform.data.source import read_splits
+
+    seen = set()
+    for trial in trials:
+        if trial.scores is None and trial.cfg.data.model_dump_json() not in seen:
+            seen.add(trial.cfg.data.model_dump_json())
+            read_splits(trial.cfg.data)
 
 
 def prepare_features(trials: Sequence[Trial], *, use_gpu: bool) -> None:

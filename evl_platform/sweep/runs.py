@@ -3,8 +3,9 @@
 Trials are deterministic (planned from the ablation file), and MLflow is the record of what
 finished. ``--resume`` reopens the newest unfinished parent run of the ablation and profile;
 :func:`triage` then skips trials whose run FINISHED, continues the others from their last Ray
-Train checkpoint in the same MLflow run, and deletes a run that never got as far as its run
-record (it is started again), so that every trial ends with exactly one run.
+Train checkpoint in the same MLflow run (a packed trial: its pack's checkpoint, with the other
+unfinished members of its pack), and deletes a run that never got as far as its run record
+(it is started again), so that every trial ends with exactly one run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from mlflow.entities import Run
 
-from evl_platform.runtime.storage import RunRecord
+from evl_platform.runtime.storage import PackRecord, RunRecord
 from evl_platform.sweep.plan import SweepPlan, Trial
 from evl_platform.tracking import names
 from evl_platform.tracking.client import Tracker, git_commit
@@ -34,11 +35,14 @@ class SweepParent:
 
 @dataclass(frozen=True)
 class TrialTodo:
-    """A trial still to run, and how: a fresh run, or continuing a Ray Train run by name."""
+    """A trial still to run, and how: a fresh run, or continuing a Ray Train run by name
+    (``packed``: a pack's run, which the trial continues with the other unfinished members
+    of its pack)."""
 
     trial: Trial
     resume_run: str | None = None
     run_name: str | None = None
+    packed: bool = False
 
 
 def open_parent(
@@ -131,9 +135,17 @@ def triage(
             todo.append(TrialTodo(trial))
             continue
         ray_run = run.data.tags.get(names.TAG_RAY_RUN, "")
-        if ray_run and RunRecord.read(storage, ray_run) is not None:
+        pack = run.data.tags.get(names.TAG_PACK)
+        if pack:  # a member stopped for a non-finite loss starts afresh, like a new trial
+            record = PackRecord.read(storage, pack)
+            stopped = names.TAG_FAILURE in run.data.tags
+            if record is not None and trial.slug in record.members and not stopped:
+                todo.append(TrialTodo(trial, resume_run=pack, run_name=pack, packed=True))
+                continue
+        elif ray_run and RunRecord.read(storage, ray_run) is not None:
             todo.append(TrialTodo(trial, resume_run=ray_run, run_name=ray_run))
-        else:  # killed before its run record existed: nothing to continue
-            tracker.delete(run.info.run_id)
-            todo.append(TrialTodo(trial))
+            continue
+        # killed before its run record existed: nothing to continue
+        tracker.delete(run.info.run_id)
+        todo.append(TrialTodo(trial))
     return done, todo

@@ -76,6 +76,18 @@ class ResourcesSpec(_Frozen):
     use_gpu: bool = False
 
 
+class SweepSpec(_Frozen):
+    """How the grid's trials share Tune trials (``sweep:`` block; see
+    :mod:`evl_platform.sweep.packs`).
+
+    Attributes:
+        pack_size: most variants trained on one backbone pass; ``None`` (default): as many as
+            one worker's memory is estimated to fit. ``1`` trains every variant alone.
+    """
+
+    pack_size: int | None = Field(None, ge=1)
+
+
 class SearchDimension(_Frozen):
     """One searched key: exactly one of ``loguniform``, ``uniform`` ([low, high]) or
     ``choice`` (values)."""
@@ -159,6 +171,7 @@ class AblationSpec(_Frozen):
     grid: dict[str, tuple[Any, ...]] = {}
     set: dict[str, Any] = {}
     resources: ResourcesSpec = ResourcesSpec()
+    sweep: SweepSpec = SweepSpec()
     search: SearchSpec | None = None
     ensemble: EnsembleSpec | None = None
 

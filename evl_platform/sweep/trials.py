@@ -1,11 +1,14 @@
-"""Sweep trials on Ray Tune: the function trainable that trains one trial, and the grid run.
+"""Sweep trials on Ray Tune: the function trainable that trains one trial or one pack, and the
+grid run.
 
 Ray 2.60 runs Ray Train V2, whose trainers cannot be handed to ``Tuner``: each Tune trial is a
 function trainable (:func:`run_trial`) that launches the trial's ``TorchTrainer`` through
-:func:`evl_platform.train.launcher.train` and forwards its reports to Tune with
-``TuneReportCallback``. The trial receives its resolved config as plain data (planned on the
-driver, see :mod:`evl_platform.sweep.plan`) and validates it once; it reads no file. The trial
-actor itself reserves no CPU; ``--max-concurrent`` (default: as many trials as the cluster has
+:func:`evl_platform.train.launcher.train` (a pack's through
+:func:`~evl_platform.train.launcher.train_pack`, see :mod:`evl_platform.sweep.packs`) and
+forwards its reports to Tune with ``TuneReportCallback``. The trial receives its resolved
+config as plain data (planned on the driver, see :mod:`evl_platform.sweep.plan`) and
+validates it once; it reads no file. The trial actor itself reserves no CPU;
+``--max-concurrent`` (default: as many trials as the cluster has
 worker slots) bounds how many TorchTrainers run at once.
 """
 
@@ -17,9 +20,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from evl_platform.config import apply_overrides
+from evl_platform.sweep.packs import PackTodo
 from evl_platform.sweep.plan import SweepPlan, Trial
 from evl_platform.sweep.progress import TrialProgress, grid_entry
-from evl_platform.sweep.runs import SweepParent, TrialTodo
+from evl_platform.sweep.runs import SweepParent
 from evl_platform.tracking import names
 
 TRIAL_ACTOR_MEMORY = 64 * 1024**2
@@ -72,12 +76,17 @@ def trial_tags(trial: Trial, sweep: dict[str, Any]) -> dict[str, str]:
 
 
 def run_trial(config: dict[str, Any]) -> dict[str, Any]:
-    """Tune function trainable: one trial's training run, reported to Tune as it goes.
+    """Tune function trainable: one trial's training run, or one pack's, reported to Tune as
+    it goes.
 
-    ``config``: ``trial`` (a :class:`Trial` dict holding its resolved config), ``sweep``
-    (:func:`sweep_context`), ``resume_run`` (a Ray Train run name to continue) and, in a
-    search, ``search`` (sampled dotted key -> value) and ``report_metric`` (only results
-    holding this metric reach Tune).
+    ``config``: ``trial`` (a :class:`Trial` dict holding its resolved config) or ``pack`` (a
+    list of them, trained together), ``sweep`` (:func:`sweep_context`), ``resume_run`` (a Ray
+    Train run name to continue), ``run_name`` and, in a search, ``search`` (sampled dotted
+    key -> value) and ``report_metric`` (only results holding this metric reach Tune).
+
+    Returns:
+        Its run id and last metrics (a pack: each member's under its key's prefix), and the
+        time it spent per phase (:data:`~evl_platform.tracking.names.TIME_PHASES`).
     """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -98,16 +107,7 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
                 super().after_report(run_context, metrics, checkpoint)
 
     config = grid_entry(config)
-    trial = Trial.from_dict(config["trial"])
     sweep = config["sweep"]
-    cfg = trial.cfg
-    sampled = config.get("search") or {}
-    if sampled:  # a search sample is its own trial: key it by Tune's trial id
-        trial_id = tune.get_context().get_trial_id()
-        trial = dataclasses.replace(trial, key=f"{trial.key}/{trial_id}")
-        cfg = apply_overrides(
-            cfg, sampled, source=f"search sample {trial.key}", base_dir=sweep["workdir"]
-        )
     resources = sweep["resources"]
     options = TrainOptions(
         num_workers=resources["num_workers"],
@@ -117,9 +117,7 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
         storage_path=sweep["storage"],
         resume=config.get("resume_run"),
         mlflow_experiment=sweep["experiment"],
-        run_name=config.get("run_name") or f"{sweep['run_name']}-{trial.slug}",
         parent_run_id=sweep["parent_run_id"],
-        tags=trial_tags(trial, sweep),
         check_storage=False,  # the driver checked once for the whole sweep
         callbacks=[
             MetricReportCallback(config["report_metric"])
@@ -127,39 +125,86 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
             else TuneReportCallback()
         ],
     )
+    if "pack" in config:
+        return _run_pack([Trial.from_dict(t) for t in config["pack"]], config, options)
+    trial = Trial.from_dict(config["trial"])
+    cfg = trial.cfg
+    sampled = config.get("search") or {}
+    if sampled:  # a search sample is its own trial: key it by Tune's trial id
+        trial_id = tune.get_context().get_trial_id()
+        trial = dataclasses.replace(trial, key=f"{trial.key}/{trial_id}")
+        cfg = apply_overrides(
+            cfg, sampled, source=f"search sample {trial.key}", base_dir=sweep["workdir"]
+        )
+    options.run_name = config.get("run_name") or member_run_name(sweep, trial)
+    options.tags = trial_tags(trial, sweep)
     outcome = train(cfg, options)
-    return {"run_id": outcome.run_id, **outcome.metrics}
+    return {"run_id": outcome.run_id, **outcome.metrics, **outcome.timings}
+
+
+def member_run_name(sweep: dict[str, Any], trial: Trial) -> str:
+    """A trial's run name: the sweep's, then the trial's slug."""
+    return f"{sweep['run_name']}-{trial.slug}"
+
+
+def _run_pack(trials: list[Trial], config: dict[str, Any], options: Any) -> dict[str, Any]:
+    """Trains a pack's trials on one backbone pass; each member is keyed by its slug."""
+    from evl_platform.train.launcher import PackMember, train_pack
+
+    sweep = config["sweep"]
+    options.run_name = config.get("run_name")
+    members = [
+        PackMember(t.slug, t.cfg, member_run_name(sweep, t), trial_tags(t, sweep)) for t in trials
+    ]
+    outcomes = train_pack(members, options)
+    result: dict[str, Any] = {"run_id": ",".join(o.run_id for o in outcomes.values())}
+    for key, outcome in outcomes.items():
+        result |= {names.member_metric(key, k): v for k, v in outcome.metrics.items()}
+        result[names.member_metric(key, "status")] = outcome.status
+    return result | next(iter(outcomes.values())).timings
+
+
+def grid_configs(todo: Sequence[PackTodo], context: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each Tune trial's config: one trial's, or a pack's."""
+    configs = []
+    for item in todo:
+        common = {"sweep": context, "resume_run": item.resume_run, "run_name": item.run_name}
+        if item.packed:
+            configs.append({"pack": [t.to_dict() for t in item.trials], **common})
+        else:
+            configs.append({"trial": item.trials[0].to_dict(), **common})
+    return configs
 
 
 def run_grid(
     plan: SweepPlan,
-    todo: Sequence[TrialTodo],
+    todo: Sequence[PackTodo],
     context: dict[str, Any],
     *,
     max_concurrent: int | None,
     finished_before: int,
     quiet: bool,
-) -> None:
-    """Runs the trials of a grid sweep on Tune, ``max_concurrent`` at a time."""
+) -> list[dict[str, Any]]:
+    """Runs the Tune trials of a grid sweep (single trials and packs), ``max_concurrent`` at a
+    time.
+
+    Returns:
+        Each Tune trial's last result (with its time per phase).
+    """
     from ray import tune
 
-    configs = [
-        {
-            "trial": item.trial.to_dict(),
-            "sweep": context,
-            "resume_run": item.resume_run,
-            "run_name": item.run_name,
-        }
-        for item in todo
-    ]
     concurrent = max_concurrent or default_concurrency(plan)
     progress = TrialProgress(
-        total=len(todo) + finished_before, finished=finished_before, quiet=quiet
+        total=sum(len(t.trials) for t in todo) + finished_before,
+        finished=finished_before,
+        quiet=quiet,
     )
-    print(f"running {len(todo)} trials, {concurrent} at a time", flush=True)
+    packs = sum(t.packed for t in todo)
+    shown = f" ({packs} packs)" if packs else ""
+    print(f"running {len(todo)} Tune trials{shown}, {concurrent} at a time", flush=True)
     tuner = tune.Tuner(
         tune.with_resources(run_trial, {"memory": TRIAL_ACTOR_MEMORY}),
-        param_space={"entry": tune.grid_search(configs)},
+        param_space={"entry": tune.grid_search(grid_configs(todo, context))},
         # A finished trial's actor runs the next one: its process, imports and MLflow store
         # carry over (each trial's TorchTrainer has ended, unlike an early-stopped search
         # sample's, see search.py).
@@ -171,4 +216,5 @@ def run_grid(
             callbacks=[progress],
         ),
     )
-    tuner.fit()
+    grid = tuner.fit()
+    return [result.metrics or {} for result in grid]

@@ -1,0 +1,229 @@
+"""Packs on real Ray Train / Ray Tune with a real MLflow store (sqlite).
+
+A pack of two variants is tracked as two runs, each as its variant trained alone would be
+(metrics step by step, params, artifacts, MLflow model) plus the pack tag; a member whose loss
+goes non-finite ends FAILED with the reason while its pack-mate FINISHES. A packed sweep
+killed with SIGKILL mid-pack is finished by ``--resume`` with one FINISHED run per variant,
+the finished pack left alone and the interrupted one continued in its own runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+import yaml
+from conftest import layout_data, write_config
+from mlflow.tracking import MlflowClient
+
+from evl_platform.config import ExperimentConfig, apply_overrides
+from evl_platform.data.synth import SyntheticLayout
+from evl_platform.runtime.storage import PackRecord
+from evl_platform.sweep.runner import SweepOptions, run_sweep
+from evl_platform.tracking import names
+from evl_platform.train.launcher import PackMember, TrainOptions, train, train_pack
+from evl_platform.train.worker import WorkerStep
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import it
+
+FIXED_VIEWS = {"random_resized_crop": None, "rand_augment": None, "horizontal_flip": False}
+
+
+class PoisonMember:
+    """Sets one member's head to NaN after ``step``: its next loss is not finite."""
+
+    def __init__(self, member: str, step: int) -> None:
+        self.member, self.step = member, step
+
+    def __call__(self, event: WorkerStep) -> None:
+        if event.member == self.member and event.step == self.step:
+            with torch.no_grad():
+                event.model.head.fc.weight.fill_(math.nan)
+
+
+def _client(tmp_path: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def _runs(tmp_path: Path) -> list:
+    client = _client(tmp_path)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids) if ids else []
+
+
+def _history(tmp_path: Path, run_id: str, key: str) -> list[tuple[int, float]]:
+    found = _client(tmp_path).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in found)
+
+
+def _config(tmp_path: Path, layout: SyntheticLayout) -> ExperimentConfig:
+    schedule = {
+        "num_steps": 8,
+        "batch_size": 4,
+        "log_every": 2,
+        "eval_every": 4,
+        "checkpoint_every": 4,
+        "amp": "none",
+    }
+    return write_config(
+        tmp_path / "exp.yaml",
+        layout_data(layout, augment=FIXED_VIEWS),
+        name="tiny",
+        train=schedule,
+        features={"reuse": False},
+    )
+
+
+def test_a_pack_tracks_each_member_as_alone_and_a_non_finite_member_fails_alone(
+    tmp_path: Path, motion_small: SyntheticLayout
+) -> None:
+    base = _config(tmp_path, motion_small)
+    conv = apply_overrides(base, {"name": "conv", "model.decoder.temporal_conv": True}, source="t")
+    pe = apply_overrides(base, {"name": "pe", "model.decoder.temporal_pos_embed": True}, source="t")
+    options = {
+        "num_workers": 2,
+        "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "storage_path": str(tmp_path / "storage"),
+    }
+    alone = train(conv, TrainOptions(**options, run_name="conv-alone"))
+    outcomes = train_pack(
+        [PackMember("conv", conv, "conv-packed"), PackMember("pe", pe, "pe-packed")],
+        TrainOptions(**options, run_name="pack0", worker_hooks=[PoisonMember("pe", 2)]),
+    )
+    assert outcomes["conv"].status == names.STATUS_FINISHED
+    assert outcomes["pe"].status == names.STATUS_FAILED
+    runs = {r.info.run_name: r for r in _runs(tmp_path)}
+    packed, failed, single = runs["conv-packed"], runs["pe-packed"], runs["conv-alone"]
+    assert packed.info.status == "FINISHED" and single.info.status == "FINISHED"
+    assert packed.data.tags[names.TAG_PACK] == failed.data.tags[names.TAG_PACK] == "pack0"
+    assert names.TAG_PACK not in single.data.tags
+    # the packed member's history is the lone run's, step by step
+    for key in (names.TRAIN_LOSS, names.TRAIN_ACC1, names.VAL_ACC1, names.VAL_LOSS):
+        mine, theirs = (
+            _history(tmp_path, packed.info.run_id, key),
+            _history(tmp_path, single.info.run_id, key),
+        )
+        assert [s for s, _ in mine] == [s for s, _ in theirs] and mine, key
+        for (_, a), (_, b) in zip(mine, theirs, strict=True):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
+    assert alone.metrics[names.VAL_ACC1] == pytest.approx(outcomes["conv"].metrics[names.VAL_ACC1])
+    params = {k: v for k, v in packed.data.params.items() if k != "name"}
+    assert params == {k: v for k, v in single.data.params.items() if k != "name"}
+    artifacts = {a.path for a in _client(tmp_path).list_artifacts(packed.info.run_id)}
+    assert {names.ARTIFACT_SCORES, names.ARTIFACT_WEIGHTS, names.ARTIFACT_CONFIG} <= artifacts
+    assert artifacts == {a.path for a in _client(tmp_path).list_artifacts(single.info.run_id)}
+    # the poisoned member stopped at its first non-finite loss, with the reason in its run
+    assert failed.info.status == "FAILED"
+    assert "step 3" in failed.data.tags[names.TAG_FAILURE]
+    assert [s for s, _ in _history(tmp_path, failed.info.run_id, names.TRAIN_LOSS)] == [2]
+    assert names.ARTIFACT_SCORES not in {
+        a.path for a in _client(tmp_path).list_artifacts(failed.info.run_id)
+    }
+    record = PackRecord.read(str(tmp_path / "storage"), "pack0")
+    assert record is not None and sorted(record.members) == ["conv", "pe"]
+
+
+def _packed_ablation(tmp_path: Path, layout: SyntheticLayout) -> Path:
+    schedule = {
+        "num_steps": 40,
+        "batch_size": 4,
+        "log_every": 4,
+        "eval_every": 20,
+        "checkpoint_every": 4,
+        "amp": "none",
+    }
+    features = {"reuse": True, "train_views": 1, "cache_dir": str(tmp_path / "features")}
+    data = layout_data(layout, augment=FIXED_VIEWS)
+    write_config(tmp_path / "exp.yaml", data, train=schedule, features=features)
+    modules = ("temporal_conv", "temporal_pos_embed")
+    variants = {
+        name: {f"model.decoder.{m}": on for m, on in zip(modules, flags, strict=True)}
+        for name, flags in {
+            "none": (False, False),
+            "conv": (True, False),
+            "pe": (False, True),
+            "all": (True, True),
+        }.items()
+    }
+    ablation = {
+        "name": "packed",
+        "table": {"paper": "8a", "columns": {"ssv2": "SSv2"}},
+        "experiments": {"ssv2": "exp.yaml"},
+        "variants": variants,
+        "sweep": {"pack_size": 2},
+    }
+    path = tmp_path / "packed.yaml"
+    path.write_text(yaml.safe_dump(ablation, sort_keys=False))
+    return path
+
+
+def test_a_packed_sweep_killed_mid_pack_is_finished_by_resume(
+    tmp_path: Path, motion_small: SyntheticLayout
+) -> None:
+    ablation = _packed_ablation(tmp_path, motion_small)
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "storage")
+    args = [str(ablation), "--max-concurrent", "1", "--tracking-uri", uri]
+    _runs(tmp_path)  # create the store's tables before two processes race to
+    address = ray.get_runtime_context().gcs_address
+    log = tmp_path / "driver.log"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "evl_platform.cli", "sweep", *args, "--storage-path", storage],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=os.environ | {"RAY_ADDRESS": address},
+    )
+    try:  # kill the driver once the first pack has finished and the second has checkpointed
+        deadline = time.monotonic() + 300
+        while True:
+            assert driver.poll() is None, f"the sweep ended early: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no second pack mid-way within 300 s"
+            trials = [r for r in _runs(tmp_path) if r.data.tags.get(names.TAG_KIND) == "train"]
+            running = [r for r in trials if r.info.status == "RUNNING"]
+            if (
+                len(trials) == 4
+                and running
+                and all(_history(tmp_path, r.info.run_id, names.TRAIN_LOSS) for r in running)
+            ):
+                break
+            time.sleep(0.3)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    before = {
+        r.data.tags[names.TAG_TRIAL]: r for r in _runs(tmp_path) if names.TAG_TRIAL in r.data.tags
+    }
+    finished = {k: r.info.run_id for k, r in before.items() if r.info.status == "FINISHED"}
+    unfinished = {k: r.info.run_id for k, r in before.items() if r.info.status == "RUNNING"}
+    assert len(finished) == 2 and len(unfinished) == 2, log.read_text()[-3000:]
+    packs = {before[k].data.tags[names.TAG_PACK] for k in unfinished}
+    assert len(packs) == 1  # the two unfinished variants are one pack
+
+    outcome = run_sweep(
+        ablation,
+        SweepOptions(
+            resume=True, max_concurrent=1, tracking_uri=uri, storage_path=storage, quiet=True
+        ),
+    )
+
+    trials = [r for r in _runs(tmp_path) if r.data.tags.get(names.TAG_KIND) == "train"]
+    assert sorted(r.data.tags[names.TAG_TRIAL] for r in trials) == [
+        f"{v}/ssv2/seed0" for v in sorted(("none", "conv", "pe", "all"))
+    ]
+    assert all(r.info.status == "FINISHED" for r in trials)
+    for key, run_id in {**finished, **unfinished}.items():  # the same runs: none started again
+        assert outcome.trial_runs[key] == run_id
+        steps = [s for s, _ in _history(tmp_path, run_id, names.TRAIN_LOSS)]
+        assert steps == list(range(4, 41, 4))  # no gap, no duplicate
+    assert {
+        r.data.tags[names.TAG_PACK] for r in trials if r.info.run_id in unfinished.values()
+    } == packs
+    assert outcome.failed == []
