@@ -101,12 +101,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
     sweep = actions.add_parser(
         "sweep",
-        help="wall time of an ablation sweep with frozen-feature reuse vs without",
-        description="Run the ablation twice in one Ray session: with frozen-feature reuse "
-        "(from an empty feature cache, so extraction is included) and without (every trial "
-        "decodes videos and runs the backbone at every step). Each sweep goes to a temporary "
-        "MLflow store; the timings and the speedup (target 5x) are printed and logged as one "
-        "run in experiment `benchmarks`.",
+        help="wall time of an ablation sweep run packed vs one Tune trial per variant",
+        description="Run the ablation twice in one Ray session, both with the feature cache "
+        "off (every batch decoded, augmented and run through the frozen backbone): packed "
+        "(variants sharing their backbone-side inputs trained on one backbone pass) and with "
+        "--no-pack (one Tune trial and TorchTrainer per variant). Each sweep goes to a "
+        "temporary MLflow store; the wall times, their ratio (target 2.5x), each sweep's time "
+        "breakdown and the compute ratio the same packing gives on the paper profile (from "
+        "model-info's GFLOPs) are printed and logged as one run in experiment `benchmarks`. "
+        '--json prints {"packed_s", "unpacked_s", "ratio", "paper_compute_ratio"}.',
     )
     add_ablation_arguments(sweep)
     sweep.add_argument("--address", metavar="ADDR", default=None, help="Ray cluster to attach to")
@@ -126,7 +129,7 @@ def _bench_data(args: argparse.Namespace) -> int:
 
 
 def _bench_sweep(args: argparse.Namespace) -> int:
-    """``bench sweep``: the ablation with and without frozen-feature reuse."""
+    """``bench sweep``: the ablation packed and one trial per variant."""
     from evl_platform.bench.common import finish
     from evl_platform.bench.sweep import bench_sweep
 

@@ -92,4 +92,20 @@ def _evl_fields(cfg: ExperimentConfig, model: EVL) -> dict[str, object]:
         "temporal_modules": [module.label for _, module in enabled_temporal_modules(decoder)],
         "feature_shape": decoder.feature_shape,
         "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
+        "backbone_width": model.backbone.width,
+        "tokens_per_frame": model.backbone.grid_size[0] * model.backbone.grid_size[1] + 1,
+        "backbone_gflops_per_view": round(_backbone_gmacs(model, cfg.data.num_frames), 3),
     }
+
+
+def _backbone_gmacs(model: EVL, num_frames: int) -> float:
+    """Multiply-accumulates (10^9) of the frozen backbone's part of one view: its blocks up
+    to the deepest one the decoder reads (what a pack of decoders shares)."""
+    from evl_platform.models.evl import extract_blocks
+
+    height, width = model.image_size
+    device = next(model.parameters()).device
+    video = torch.zeros(1, 3, num_frames, height, width, device=device)
+    with FlopCounterMode(display=False) as counter:
+        extract_blocks(model.backbone, video, model.feature_layers, with_qk=False)
+    return counter.get_total_flops() / 2 / 1e9
