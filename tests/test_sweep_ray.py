@@ -1,9 +1,10 @@
 """Sweeps on real Ray Tune + Ray Train with a real MLflow store (sqlite).
 
 A reduced ablation (2 variants of the micro backbone on the small motion stand-in, a few
-steps, one Tune trial each) is killed mid-way with SIGKILL and finished with ``--resume``: the store must then
-hold one parent run with exactly one finished run per trial, and the trial that had finished
-before the kill must not have been run again. The ensemble stage is checked on score files.
+steps, one Tune trial each) is killed mid-way with SIGKILL and finished with ``--resume``:
+the store must then hold one parent run with exactly one finished run per trial, and the
+trial that had finished before the kill must not have been run again. The ensemble stage is
+checked on score files.
 """
 
 from __future__ import annotations
