@@ -107,9 +107,11 @@ def test_backbone_blocks_expose_outputs_and_attention_qk(name: str) -> None:
         _, weights = block.attn(normed, normed, normed, average_attn_weights=False)
         q, k = found[index].q, found[index].k  # (B, L, H, D)
         ours = torch.einsum("blhd,bmhd->bhlm", q * q.shape[-1] ** -0.5, k).softmax(-1)
-        assert torch.allclose(ours, weights, atol=1e-5)
+        # The tiny backbones' content-matching logits reach the hundreds: rounding them
+        # differently moves the sharp weights by a few 1e-5.
+        assert torch.allclose(ours, weights, atol=1e-4)
         x = block(x)
-        assert torch.allclose(found[index].out, x, atol=1e-5)
+        assert torch.allclose(found[index].out, x, atol=1e-4)
     assert not any(f.out.requires_grad for f in found.values())
 
 

@@ -1,4 +1,4 @@
-"""The fixed DCT / sin-cos init of the registered tiny backbones, and its feature cache key."""
+"""The fixed DCT / sin-cos / content-attention init of the tiny backbones, and its cache key."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from evl_platform.config.schema import BackboneConfig
 from evl_platform.models.backbone import BACKBONES, create_backbone
 from evl_platform.models.tiny_init import (
     DCT_SINCOS,
+    POSITION_ENERGY,
     POSITION_SCALE,
+    QK_SCALE,
+    content_projection,
     dct_patch_filters,
     sincos_position_embedding,
 )
@@ -46,7 +49,33 @@ def test_tiny_backbones_get_the_fixed_embeddings_and_seeded_blocks(name: str) ->
     assert torch.equal(a.positional_embedding, code)
     assert torch.equal(a.conv1.weight, b.conv1.weight)
     block_a, block_b = a.transformer.resblocks[0], b.transformer.resblocks[0]
-    assert not torch.equal(block_a.attn.in_proj_weight, block_b.attn.in_proj_weight)
+    assert not torch.equal(block_a.mlp.c_fc.weight, block_b.mlp.c_fc.weight)
+
+
+def test_content_projection_removes_most_of_the_position_code() -> None:
+    code = sincos_position_embedding((8, 8), 64) * POSITION_SCALE
+    proj = content_projection(code)
+    assert torch.allclose(proj, proj.T, atol=1e-6)
+    assert torch.allclose(proj @ proj, proj, atol=1e-5)
+    centred = code[1:] - code[1:].mean(dim=0)
+    left = (centred @ proj).pow(2).sum() / centred.pow(2).sum()
+    assert left <= 1 - POSITION_ENERGY
+    assert 32 < torch.linalg.matrix_rank(proj) < 64  # patch content keeps most directions
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_tiny_backbones_attend_by_content(name: str) -> None:
+    a = create_backbone(BackboneConfig(name=name, pretrained=None)).visual
+    b = create_backbone(BackboneConfig(name=name, pretrained=None, init_seed=1)).visual
+    width = a.conv1.weight.shape[0]
+    code = sincos_position_embedding(tuple(a.grid_size), width) * POSITION_SCALE
+    qk = QK_SCALE * content_projection(code)
+    for block_a, block_b in zip(a.transformer.resblocks, b.transformer.resblocks, strict=True):
+        weight, bias = block_a.attn.in_proj_weight, block_a.attn.in_proj_bias
+        assert torch.equal(weight[:width], qk) and torch.equal(weight[width : 2 * width], qk)
+        assert not bias[: 2 * width].any()
+        values_a, values_b = weight[2 * width :], block_b.attn.in_proj_weight[2 * width :]
+        assert not torch.equal(values_a, values_b)  # the values stay seeded random
 
 
 def test_feature_cache_key_names_the_init_scheme() -> None:

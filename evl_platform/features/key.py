@@ -184,7 +184,7 @@ def config_inputs(cfg: ExperimentConfig, split: Split) -> dict[str, Any]:
 
 def weights_identity(cfg: ExperimentConfig) -> str:
     """The backbone weights: ``random:<init>:<init_seed>`` (``init`` names the registered
-    init scheme, e.g. ``dct-sincos-v1``), ``sha256:<digest>`` of a local weights file, or
+    init scheme, e.g. ``dct-sincos-v2``), ``sha256:<digest>`` of a local weights file, or
     ``open_clip:<name>:<tag>``."""
     backbone = cfg.model.backbone
     if backbone.pretrained is None:

@@ -35,8 +35,9 @@ class BackboneSpec:
         vision_cfg: keyword arguments of open_clip's ``CLIPVisionCfg``.
         embed_dim: width of the final projection (the CLIP embedding).
         init: random init when no weights are loaded: ``open_clip`` (its own seeded init) or
-            ``dct-sincos-v1`` (seeded blocks, fixed DCT patch and sin-cos position embeddings,
-            see :mod:`evl_platform.models.tiny_init`). Part of the feature cache key.
+            ``dct-sincos-v2`` (seeded blocks with content-matching queries and keys, fixed DCT
+            patch and sin-cos position embeddings, see :mod:`evl_platform.models.tiny_init`).
+            Part of the feature cache key.
     """
 
     vision_cfg: dict
