@@ -199,7 +199,10 @@ def test_appearance_classes_differ_in_simple_colour_statistics(
     x_val, y_val = features("validation")
     nearest = np.argmin(((x_val[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     accuracy = np.mean([layout.class_names[k] == c for k, c in zip(nearest, y_val, strict=True)])
-    assert accuracy >= 0.6
+    # Far above chance (0.1), short of the ceiling: the two classes of a background pattern
+    # differ only in their object, a small share of the pixels, and one clip in ten shows the
+    # other class's object.
+    assert accuracy >= 0.4
 
 
 def test_ensure_synthetic_generates_once_then_reuses(

@@ -49,7 +49,7 @@ __all__ = [
     "write_video",
 ]
 
-GENERATOR_VERSION = 5  # bump whenever synth_render or synth_datasets change the output
+GENERATOR_VERSION = 6  # bump whenever synth_render or synth_datasets change the output
 MANIFEST = "manifest.json"  # written last: its presence marks a complete dataset
 
 
