@@ -288,7 +288,7 @@ def test_feature_reuse_skips_the_backbone_and_matches_video_training(tmp_path: P
     schedule = {
         "num_steps": 60,
         "batch_size": 8,
-        "lr": 1e-3,
+        "lr": 4e-3,
         "eval_every": 60,
         "checkpoint_every": 60,
         "log_every": 10,
