@@ -110,7 +110,8 @@ def test_feature_layers_variants_feed_the_listed_blocks() -> None:
         assert len(features) == len(listed)
         for decoder_layer, block in enumerate(listed):
             got = features[decoder_layer].out.flatten(0, 1)  # (N*T, L, C)
-            torch.testing.assert_close(got, blocks[block % depth], atol=1e-5, rtol=1e-4)
+            # atol 1e-4: the tiny backbone's sharp content attention amplifies float rounding
+            torch.testing.assert_close(got, blocks[block % depth], atol=1e-4, rtol=1e-4)
         others = [blocks[i] for i in range(depth) if i not in {b % depth for b in listed}]
         for other in others:  # and not some other block
             assert not any(torch.allclose(f.out.flatten(0, 1), other) for f in features)

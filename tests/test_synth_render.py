@@ -45,13 +45,19 @@ def test_two_objects_converge_along_a_diagonal() -> None:
         assert end < start
 
 
-def test_each_motion_pair_has_its_own_scene_tint() -> None:
-    """One frame tells the pair (by its background tint); the reversal shares the frames."""
-    tints = {k: np.asarray(v) for k, v in render.MOTION_SCENES.items()}
+def test_each_motion_pair_has_its_own_object_colour() -> None:
+    """One frame tells the pair (by its objects' colour, on a grey background)."""
     for kind in render.MOTION_KINDS:
+        colour = render.MOTION_COLOURS[kind]
         for seed in range(5):
-            frames, _ = render.motion_clip(kind, np.random.default_rng(seed), 8, SIZE, SIZE)
-            background = np.median(frames[0].reshape(-1, 3), axis=0)
-            chroma = background - background.mean()  # the tint, without the brightness
-            scores = {k: float(chroma @ t / np.linalg.norm(t)) for k, t in tints.items()}
-            assert max(scores, key=scores.get) == kind
+            frames, placeholders = render.motion_clip(
+                kind, np.random.default_rng(seed), 8, SIZE, SIZE
+            )
+            assert all(p.startswith(f"{colour} ") for p in placeholders)
+            pixels = frames[0].reshape(-1, 3).astype(float)
+            background = np.median(pixels, axis=0)
+            assert np.ptp(background) <= 16  # grey: no tint tells the pair
+            objects = pixels[np.abs(pixels - background).max(axis=1) > 60]
+            assert len(objects) > 0
+            painted = np.median(objects, axis=0)
+            assert np.abs(painted - np.asarray(render.PALETTE[colour])).max() <= 30
