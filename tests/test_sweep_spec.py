@@ -78,6 +78,9 @@ def test_temporal_modules_expands_to_the_eight_combinations_on_two_datasets() ->
     assert len(expand(ablation, seeds=3)) == 48
     assert {t.seed for t in expand(ablation, seeds=3)} == {0, 1, 2}
     assert {t.cfg.seed for t in expand(ablation, seeds=2)} == {0, 1}
+    # seed_keys: each seed also draws its own stand-in videos, so seeds are data seeds too
+    for trial in expand(ablation, seeds=3):
+        assert trial.cfg.data.synthetic.seed == trial.cfg.seed == trial.seed
 
 
 def _block_outputs(model: torch.nn.Module, clip: torch.Tensor) -> list[torch.Tensor]:
@@ -154,6 +157,12 @@ def test_bad_ablation_files_name_the_file_and_the_key(tmp_path: Path) -> None:
     path = _ablation(tmp_path, seeds=0)
     with pytest.raises(AblationError, match="seeds must be >= 1"):
         load_ablation(path)
+    path = _ablation(tmp_path, seed_keys=["seed", "data.synthetic.sed"])
+    with pytest.raises(AblationError, match=r"variant 'none' on ssv2: .*synthetic\.sed"):
+        expand(load_ablation(path))
+    path = _ablation(tmp_path, seed_keys=["seed", "seed"])
+    with pytest.raises(AblationError, match=r"abl\.yaml: .*seed_keys: a key is named twice"):
+        load_ablation(path)
     (tmp_path / "broken.yaml").write_text("variants: [unclosed\n")
     with pytest.raises(AblationError, match=r"broken\.yaml: not valid YAML"):
         load_ablation(tmp_path / "broken.yaml")
@@ -184,6 +193,8 @@ def test_grid_and_profile_overlays(tmp_path: Path) -> None:
         "none/ssv2/lr=0.001/seed4",
     ]
     assert trials[2].cfg.train.lr == 1.0e-3
+    # the default seed_keys ([seed]): the seeds share the stand-in videos of data seed 0
+    assert {(t.cfg.seed, t.cfg.data.synthetic.seed) for t in trials} == {(3, 0), (4, 0)}
     paper = expand(load_ablation(path, profile="paper"))
     assert [t.key for t in paper] == ["other/ssv2/lr=0.0001/seed0", "other/ssv2/lr=0.001/seed0"]
 

@@ -113,7 +113,8 @@ def expand(
             for point in points:
                 for seed in spec.seed_list(seeds):
                     suffix = "".join(f"/{k.split('.')[-1]}={v}" for k, v in point.items())
-                    values = override_strings(spec.set | variant.set | point | {"seed": seed})
+                    seeded = dict.fromkeys(spec.seed_keys, seed)
+                    values = override_strings(spec.set | variant.set | point | seeded)
                     trial = Trial(
                         key=f"{name}/{dataset}{suffix}/seed{seed}",
                         variant=name,

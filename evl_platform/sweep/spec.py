@@ -1,10 +1,11 @@
 """Ablation files: one paper table as named variants over base experiments, and its trials.
 
 An ablation file (``ablations/*.yaml``) names base ``experiments`` per dataset column, the
-``variants`` (dotted overrides, the table's rows), optional ``grid`` and ``seeds``, the
-per-trial ``resources``, a ``table`` block telling the report which paper table it fills, and
-optionally a ``search`` (Optuna TPE + ASHA) or an ``ensemble`` block. ``profiles:`` overlays
-the file itself per profile (e.g. smaller depths for the tiny local backbone).
+``variants`` (dotted overrides, the table's rows), optional ``grid``, ``seeds`` and
+``seed_keys`` (the config keys each seed is written to, ``[seed]`` by default), the
+per-trial ``resources``, a ``table`` block telling the report which paper table it fills,
+and optionally a ``search`` (Optuna TPE + ASHA) or an ``ensemble`` block. ``profiles:``
+overlays the file itself per profile (e.g. smaller depths for the tiny local backbone).
 :mod:`evl_platform.sweep.plan` expands a loaded file into its trials.
 """
 
@@ -168,6 +169,7 @@ class AblationSpec(_Frozen):
     experiments: dict[str, str] = Field(min_length=1)
     variants: dict[str, VariantSpec] = Field(min_length=1)
     seeds: int | tuple[int, ...] = 1
+    seed_keys: tuple[str, ...] = Field(("seed",), min_length=1)
     grid: dict[str, tuple[Any, ...]] = {}
     set: dict[str, Any] = {}
     resources: ResourcesSpec = ResourcesSpec()
@@ -199,6 +201,8 @@ class AblationSpec(_Frozen):
                     )
         if isinstance(self.seeds, int) and self.seeds < 1:
             raise ValueError("seeds must be >= 1 (a count) or a list of seeds")
+        if len(set(self.seed_keys)) != len(self.seed_keys):
+            raise ValueError(f"seed_keys: a key is named twice in {list(self.seed_keys)}")
         for index, pair in enumerate(self.ensemble.pairs if self.ensemble else ()):
             for member in pair:
                 if member not in self.variants:
