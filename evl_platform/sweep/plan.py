@@ -220,6 +220,7 @@ def dry_run_table(plan: SweepPlan) -> str:
         f"{ablation.profile}, {len(trials)} trials"
     ]
     header = ("variant", "dataset", "seed", "runs on", "overrides")
+    hidden = (*(f"{key}=" for key in spec.seed_keys), "name=")  # the seed column says them
     rows = []
     for trial in trials:
         if trial.scores is not None:
@@ -228,7 +229,7 @@ def dry_run_table(plan: SweepPlan) -> str:
             cfg = trial.cfg
             model = cfg.model.backbone.name if cfg.model.arch == "evl" else cfg.model.arch
             runs_on = f"{cfg.data.dataset}, {cfg.data.num_frames}f, {model}"
-            shown = " ".join(o for o in trial.overrides if not o.startswith(("seed=", "name=")))
+            shown = " ".join(o for o in trial.overrides if not o.startswith(hidden))
         rows.append((trial.variant, trial.dataset, str(trial.seed), runs_on, shown or "-"))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
