@@ -285,9 +285,19 @@ def test_search_runs_its_samples_as_nested_runs_with_sampled_values(
     assert len(runs) == 3 and not outcome.failed
     lrs = {float(r.data.params["train.lr"]) for r in runs}
     assert len(lrs) == 3 and all(1.0e-4 <= lr <= 1.0e-2 for lr in lrs)
+    client = _client(tmp_path)
+    full = 0
     for run in runs:  # finished, or stopped early by ASHA and closed as finished
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
         assert run.data.tags[names.TAG_TRIAL].startswith("search/ssv2/seed0/")
         assert names.VAL_ACC1 in run.data.metrics
+        last = max(m.step for m in client.get_metric_history(run.info.run_id, names.VAL_ACC1))
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        if run.data.tags.get(names.TAG_EARLY_STOPPED) == "true":
+            assert last < 12  # ASHA stops a sample only below its last step
+        else:  # a sample that ran all its steps is not killed while it uploads its files
+            assert last == 12 and {names.ARTIFACT_PER_CLASS, names.ARTIFACT_SCORES} <= files
+            full += 1
+    assert full >= 1  # ASHA never stops the first sample: it has no rival at its rungs
     assert len(outcome.table.rows) == 3

@@ -78,7 +78,7 @@ def run_search(
         scheduler = None
         if search.asha is not None:
             scheduler = ASHAScheduler(
-                time_attr="step",
+                time_attr=names.REPORT_STEP,
                 max_t=search.asha.max_t or cfg.train.num_steps,
                 grace_period=search.asha.grace_period,
                 reduction_factor=search.asha.reduction_factor,
@@ -153,12 +153,16 @@ def _close_stopped(
 ) -> None:
     """Closes the runs of samples ASHA stopped as FINISHED, tagged early_stopped.
 
-    ``clean`` holds the Tune trial ids that ended without an error. Stopping a sample kills
-    its trainer, which leaves its run RUNNING or, when the sample's ``train`` sees the trainer
-    die before its trial actor is gone, FAILED: either way Tune recorded no error. Tune
-    returns before the stopped trial actors have exited, so such a FAILED can come after it
-    returns: the runs are closed once no trial actor of this job is alive (or, where Ray's
-    state API cannot say, once none is RUNNING or ``timeout`` has passed).
+    ``clean`` holds the Tune trial ids that ended without an error. A sample that ran all
+    its steps closed its own run before Tune saw its last result (the trial holds that report
+    back), so only samples stopped mid-run are left. Stopping a sample kills its trainer,
+    which leaves its run RUNNING or, when the sample's ``train`` sees the trainer die before
+    its trial actor is gone, FAILED: either way Tune recorded no error. A run FAILED for a
+    reason of its own (a non-finite loss, tagged ``evl.failure``) stays FAILED. Tune returns
+    before the stopped trial actors have exited: the runs are closed once no trial actor of
+    this job is alive (or, where Ray's state API cannot say, once none is RUNNING or
+    ``timeout`` has passed), and a dying trial only closes a run that is still RUNNING
+    (:meth:`.Tracker.terminate_open`), so a late write cannot undo this close.
     """
 
     def stopped() -> list:
@@ -166,6 +170,7 @@ def _close_stopped(
             run
             for run in tracker.children(ablation.spec.name, parent.run_id)
             if run.info.status in (names.STATUS_RUNNING, names.STATUS_FAILED)
+            and names.TAG_FAILURE not in run.data.tags
             and (key := run.data.tags.get(names.TAG_TRIAL, "")).startswith(f"{trial.key}/")
             and key.rsplit("/", 1)[-1] in clean
         ]

@@ -82,7 +82,8 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     ``config``: ``trial`` (a :class:`Trial` dict holding its resolved config) or ``pack`` (a
     list of them, trained together), ``sweep`` (:func:`sweep_context`), ``resume_run`` (a Ray
     Train run name to continue), ``run_name`` and, in a search, ``search`` (sampled dotted
-    key -> value) and ``report_metric`` (only results holding this metric reach Tune).
+    key -> value) and ``report_metric`` (only results holding this metric reach Tune, and
+    the last step's result only once the run is closed, see ``MetricReportCallback``).
 
     Returns:
         Its run id and last metrics (a pack: each member's under its key's prefix), and the
@@ -94,16 +95,24 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     from evl_platform.train.launcher import TrainOptions, train
 
     class MetricReportCallback(TuneReportCallback):
-        """Forwards only the reports that carry ``metric``: Optuna and ASHA need it in each."""
+        """Forwards only the reports that carry ``metric`` (Optuna and ASHA need it in each)
+        and come before ``last_step``.
 
-        def __init__(self, metric: str) -> None:
+        The last step's report is held back: ASHA answers a result at its ``max_t`` (by
+        default the run's last step) with STOP, which would kill the trial while its run
+        uploads its final files and model. The trial's return value, sent once its run is
+        closed, is the result Tune gets for that step.
+        """
+
+        def __init__(self, metric: str, last_step: int) -> None:
             super().__init__()
-            self.metric = metric
+            self.metric, self.last_step = metric, last_step
 
         def after_report(
             self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
         ) -> None:
-            if self.metric in metrics[0]:
+            report = metrics[0]
+            if self.metric in report and report.get(names.REPORT_STEP, 0) < self.last_step:
                 super().after_report(run_context, metrics, checkpoint)
 
     config = grid_entry(config)
@@ -119,11 +128,7 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
         mlflow_experiment=sweep["experiment"],
         parent_run_id=sweep["parent_run_id"],
         check_storage=False,  # the driver checked once for the whole sweep
-        callbacks=[
-            MetricReportCallback(config["report_metric"])
-            if config.get("report_metric")
-            else TuneReportCallback()
-        ],
+        callbacks=[TuneReportCallback()],
     )
     if "pack" in config:
         return _run_pack([Trial.from_dict(t) for t in config["pack"]], config, options)
@@ -136,6 +141,8 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
         cfg = apply_overrides(
             cfg, sampled, source=f"search sample {trial.key}", base_dir=sweep["workdir"]
         )
+    if config.get("report_metric"):
+        options.callbacks = [MetricReportCallback(config["report_metric"], cfg.train.num_steps)]
     options.run_name = config.get("run_name") or member_run_name(sweep, trial)
     options.tags = trial_tags(trial, sweep)
     outcome = train(cfg, options)

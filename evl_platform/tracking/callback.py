@@ -15,9 +15,7 @@ from typing import Any
 from ray.train import Checkpoint, UserCallback
 
 from evl_platform.tracking.client import Tracker
-from evl_platform.tracking.names import TIME_PREFIX, split_member_metric
-
-STEP = "step"
+from evl_platform.tracking.names import REPORT_STEP, TIME_PREFIX, split_member_metric
 
 
 class MLflowLogger(UserCallback):
@@ -49,14 +47,14 @@ class MLflowLogger(UserCallback):
     def after_report(
         self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None
     ) -> None:
-        if not metrics or STEP not in metrics[0]:
+        if not metrics or REPORT_STEP not in metrics[0]:
             return
-        step = int(metrics[0][STEP])
+        step = int(metrics[0][REPORT_STEP])
         new: dict[str, dict[str, float]] = {}
         for name, value in metrics[0].items():
             member, key = split_member_metric(name)
             run_id = self.runs.get(member)
-            if name == STEP or run_id is None or name.startswith(TIME_PREFIX):
+            if name == REPORT_STEP or run_id is None or name.startswith(TIME_PREFIX):
                 continue
             if step > self._last_step(run_id, key):
                 new.setdefault(run_id, {})[key] = float(value)

@@ -144,6 +144,14 @@ class Tracker:
         """Marks a run FINISHED, FAILED or KILLED."""
         _retry(lambda: self.client.set_terminated(run_id, status), "end run")
 
+    def terminate_open(self, run_id: str, status: str) -> None:
+        """Marks a run ``status`` only if it is still RUNNING: what a dying trainer writes
+        last must not undo the close of whoever ended its run first (a sweep closes the run
+        of a sample ASHA stopped while that sample's trial actor may still be exiting)."""
+        run = _retry(lambda: self.client.get_run(run_id), "read run")
+        if run.info.status == names.STATUS_RUNNING:
+            self.terminate(run_id, status)
+
     @contextlib.contextmanager
     def finishing(self, run_id: str) -> Iterator[None]:
         """Marks the run FINISHED when the block ends, FAILED if it raises (and re-raises)."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# The step every report of a training run carries (Ray Train reports, Tune results): steps done.
+REPORT_STEP = "step"
+
 # Training metrics, logged by step.
 TRAIN_LOSS = "train/loss"
 TRAIN_ACC1 = "train/acc1"

@@ -167,7 +167,7 @@ def _launch(
         raise
     finally:
         for key, value in status.items():
-            tracker.terminate(records[key].run_id, value)
+            tracker.terminate_open(records[key].run_id, value)
 
 
 def _split_fit_time(clock: Clock, seconds: float, metrics: Mapping[str, Any]) -> None:

@@ -59,8 +59,6 @@ from evl_platform.train.state import (
     write_pack_state,
 )
 
-STEP = "step"
-
 
 @dataclass(frozen=True)
 class WorkerStep:
@@ -184,7 +182,7 @@ class RayReport:
         return {names.TIME_TRAIN: steps, names.TIME_VALIDATION: self.validation_seconds}
 
     def __call__(self, step: int, reports: dict[str, Report]) -> None:
-        payload: dict[str, Any] = {STEP: step}
+        payload: dict[str, Any] = {names.REPORT_STEP: step}
         for key, report in reports.items():
             payload |= {names.member_metric(key, k): v for k, v in report.metrics.items()}
         validated = [r.validation.seconds for r in reports.values() if r.validation is not None]
@@ -343,7 +341,7 @@ def train_loop_per_worker(config: dict) -> None:
         device=device,
         reads=built.reads if built.shared is not None and lead.features.reuse else None,
     )
-    replay = {STEP: step}
+    replay = {names.REPORT_STEP: step}
     for key, state in states.items():  # the driver may have died between saving and logging
         replay |= {names.member_metric(key, k): v for k, v in (state.metrics or {}).items()}
     if len(replay) > 1:
