@@ -353,6 +353,37 @@ def test_temporal_cross_attention_edges_cls_and_zero_init() -> None:
     assert torch.count_nonzero(only_next[:, :-1, 1:]) > 0
 
 
+@pytest.mark.parametrize(("width", "heads", "tokens"), [(64, 4, 8 * 65), (768, 12, 197)])
+def test_decoder_attention_equals_torch_multi_head_attention(
+    width: int, heads: int, tokens: int
+) -> None:
+    """The query-side form the decoder runs gives torch's attention output and gradients."""
+    from evl_platform.models.decoder import DecoderAttention
+
+    torch.manual_seed(0)
+    ours = DecoderAttention(width=width, num_heads=heads).double()
+    for param in ours.parameters():  # non-zero biases too
+        torch.nn.init.normal_(param, std=0.05)
+    ref = torch.nn.MultiheadAttention(width, heads, batch_first=True).double()
+    projections = (ours.q_proj, ours.k_proj, ours.v_proj)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([p.weight for p in projections]))
+        ref.in_proj_bias.copy_(torch.cat([p.bias for p in projections]))
+        ref.out_proj.weight.copy_(ours.out_proj.weight)
+        ref.out_proj.bias.copy_(ours.out_proj.bias)
+    query = torch.randn(3, 1, width, dtype=torch.double, requires_grad=True)
+    context = torch.randn(3, tokens, width, dtype=torch.double, requires_grad=True)
+    mine, theirs = ours(query, context), ref(query, context, context, need_weights=False)[0]
+    torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12)
+    grads = torch.autograd.grad(mine.square().sum(), [query, context, ours.k_proj.weight])
+    expected = torch.autograd.grad(theirs.square().sum(), [query, context, ref.in_proj_weight])
+    torch.testing.assert_close(grads[0], expected[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads[1], expected[1], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads[2], expected[2][width : 2 * width], rtol=1e-9, atol=1e-12)
+    ours.query_side = False  # the plain form model info counts
+    torch.testing.assert_close(ours(query, context), theirs, rtol=1e-9, atol=1e-12)
+
+
 def test_relative_position_index_covers_every_offset_once_per_row() -> None:
     index = relative_position_index((3, 4))
     assert index.shape == (12, 12)

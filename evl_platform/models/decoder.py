@@ -63,10 +63,22 @@ class QuickGELU(nn.Module):
 class DecoderAttention(nn.Module):
     """Multi-head attention with separate q/k/v projections (query and key counts differ).
 
+    The projections are the usual ``k = W_k x + b_k`` and ``v = W_v x + b_v`` of every key
+    token, but they are applied on the query side, which gives the same result: per head
+    ``q_h . k_j = (W_k,h^T q_h) . x_j + q_h . b_k,h``, and since a head's attention weights sum
+    to one, ``sum_j a_j v_j = W_v,h (sum_j a_j x_j) + b_v,h``. The decoder has one query
+    against thousands of key tokens (T x L), so this costs about ``2 Lk C H`` multiply-adds per
+    query instead of ``2 Lk C^2`` and keeps no (N, Lk, C) keys or values for the backward pass.
+    The parameters are those of the plain form (and of the official checkpoints). Setting
+    ``query_side = False`` runs the plain form, which model info counts (the paper's GFLOPs
+    are those of the plain form).
+
     Args:
         width: channels C of queries, keys and values.
         num_heads: attention heads.
     """
+
+    query_side = True
 
     def __init__(self, *, width: int, num_heads: int) -> None:
         super().__init__()
@@ -82,13 +94,25 @@ class DecoderAttention(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Maps queries (N, Lq, C) attending to ``context`` tokens (N, Lk, C) to (N, Lq, C)."""
         n, lq, c = query.shape
-        lk, heads = context.shape[1], self.num_heads
-        q = self.q_proj(query).view(n, lq, heads, c // heads)  # (N, Lq, H, D)
-        k = self.k_proj(context).view(n, lk, heads, c // heads)  # (N, Lk, H, D)
-        v = self.v_proj(context).view(n, lk, heads, c // heads)
-        attn = torch.einsum("nqhd,nkhd->nqkh", q * (c // heads) ** -0.5, k).softmax(dim=-2)
-        mixed = torch.einsum("nqkh,nkhd->nqhd", attn, v)  # (N, Lq, H, D)
+        heads = self.num_heads
+        d = c // heads
+        q = self.q_proj(query).view(n, lq, heads, d) * d**-0.5  # (N, Lq, H, D)
+        if not self.query_side:
+            k = self.k_proj(context).unflatten(-1, (heads, d))  # (N, Lk, H, D)
+            v = self.v_proj(context).unflatten(-1, (heads, d))
+            attn = torch.einsum("nqhd,nkhd->nqkh", q, k).softmax(dim=-2)
+            mixed = torch.einsum("nqkh,nkhd->nqhd", attn, v)
+            return self.out_proj(mixed.flatten(-2))
+        w_k = self.k_proj.weight.view(heads, d, c)  # head h's rows of W_k: (H, D, C)
+        w_v = self.v_proj.weight.view(heads, d, c)
+        q_in = torch.einsum("nqhd,hdc->nqhc", q, w_k)  # the queries in input space
+        bias = torch.einsum("nqhd,hd->nqh", q, self.k_proj.bias.view(heads, d))
+        logits = torch.einsum("nqhc,nkc->nqkh", q_in, context) + bias.unsqueeze(2)
+        attn = logits.softmax(dim=-2)  # (N, Lq, Lk, H)
+        pooled = torch.einsum("nqkh,nkc->nqhc", attn, context)  # attention-weighted inputs
+        mixed = torch.einsum("nqhc,hdc->nqhd", pooled, w_v) + self.v_proj.bias.view(heads, d)
         return self.out_proj(mixed.flatten(-2))  # (N, Lq, C)
 
 

@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from evl_platform.config.schema import ExperimentConfig
 from evl_platform.models.cnn3d import Cnn3d
+from evl_platform.models.decoder import DecoderAttention
 from evl_platform.models.evl import EVL, create_model
 from evl_platform.models.temporal import enabled_temporal_modules
 
@@ -17,14 +18,23 @@ def count_gmacs(model: EVL | Cnn3d, *, num_frames: int) -> float:
     activations and pooling count nothing, as in the paper's convention).
 
     The paper's "GFLOPS" are multiply-accumulates; ``torch.utils.flop_counter`` counts two
-    FLOPs per MAC, hence the halving.
+    FLOPs per MAC, hence the halving. The decoder's attention is counted in its plain form
+    (keys and values projected for every token, as the paper counts it), although training
+    and inference run the cheaper query-side form (:class:`.DecoderAttention`).
     """
     height, width = model.image_size
     device = next(model.parameters()).device
     video = torch.zeros(1, 3, num_frames, height, width, device=device)
     model.eval()
-    with FlopCounterMode(display=False) as counter:  # forward only: no backward is run
-        model(video)
+    attention = [m for m in model.modules() if isinstance(m, DecoderAttention)]
+    try:
+        for module in attention:
+            module.query_side = False
+        with FlopCounterMode(display=False) as counter:  # forward only: no backward is run
+            model(video)
+    finally:
+        for module in attention:
+            del module.query_side  # back to the class's default
     return counter.get_total_flops() / 2 / 1e9
 
 

@@ -5,8 +5,10 @@ A sweep packs variants whose backbone-side inputs are identical (see
 decoder and head around it, each initialised exactly as if it trained alone (same seed, same
 RNG draws), and keeps each member's RNG state for its dropout draws. Per batch,
 :class:`SharedBackbone` runs the frozen backbone once up to the deepest block any member
-reads and keeps the union of what they read (block outputs, the queries and keys T-CA needs);
-on the feature cache, the source reads that union instead. Each member then selects its own
+reads and keeps the union of what they read: block outputs and, for T-CA, the attention maps
+between adjacent frames, computed once from the backbone's queries and keys for every member
+that reads them (as the feature cache stores them); on the feature cache, the source reads
+that union instead. Each member then selects its own
 blocks (:meth:`~evl_platform.models.EVL.select_features`) and takes its step.
 """
 
@@ -24,6 +26,7 @@ from evl_platform.models import (
     EVL,
     BlockFeatures,
     ClipBackbone,
+    adjacent_attention,
     create_backbone,
     create_model,
     evl_on,
@@ -40,7 +43,8 @@ class SharedBackbone:
     Args:
         backbone: the frozen backbone the members share.
         blocks: every block index any member reads.
-        with_qk: keep the attention queries and keys (a member uses T-CA).
+        maps: the blocks whose T-CA maps a member reads (their queries and keys become
+            :func:`~evl_platform.models.adjacent_attention` maps, computed once per batch).
         device: where the backbone runs.
         amp: the autocast dtype (``None``: full precision).
     """
@@ -50,11 +54,11 @@ class SharedBackbone:
         backbone: ClipBackbone,
         blocks: tuple[int, ...],
         *,
-        with_qk: bool,
+        maps: tuple[int, ...],
         device: torch.device,
         amp: torch.dtype | None,
     ) -> None:
-        self.backbone, self.blocks, self.with_qk = backbone, blocks, with_qk
+        self.backbone, self.blocks, self.maps = backbone, blocks, maps
         self.device, self.amp = device, amp
 
     def __call__(self, inputs: Inputs) -> dict[int, BlockFeatures]:
@@ -64,7 +68,12 @@ class SharedBackbone:
         if not isinstance(inputs, torch.Tensor):
             return inputs  # the cache's union of blocks
         with torch.no_grad(), autocast(self.device, self.amp):
-            return extract_blocks(self.backbone, inputs, self.blocks, with_qk=self.with_qk)
+            found = extract_blocks(self.backbone, inputs, self.blocks, with_qk=bool(self.maps))
+            for index in self.maps:
+                block = found[index]
+                assert block.q is not None and block.k is not None
+                found[index] = BlockFeatures(block.out, attn=adjacent_attention(block.q, block.k))
+            return found
 
 
 @dataclass
@@ -117,7 +126,9 @@ def build_pack(
     shared = SharedBackbone(
         backbone,
         blocks,
-        with_qk=any(m.decoder.uses_qk for m in models.values()),
+        maps=tuple(
+            sorted({i for m in models.values() if m.decoder.uses_qk for i in m.feature_layers})
+        ),
         device=device,
         amp=amp_dtype(lead.train, device),
     )
