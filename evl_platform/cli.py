@@ -253,6 +253,7 @@ def format_model_info(info: dict) -> str:
         ("new params", f"{info['new_params'] / 1e6:.2f} M ({new})"),
         ("trainable", f"{info['trainable_params'] / 1e6:.2f} M"),
         ("GFLOPs/view", f"{info['gflops_per_view']:.4g} (multiply-accumulates, as in the paper)"),
+        ("as run", f"{info['gflops_per_view_run']:.4g} GFLOPs/view (query-side decoder attention)"),
         ("views", f"{info['views']} -> {info['gflops_total']:.4g} GFLOPs per video"),
     ]
     header = f"{info['experiment']} (profile {info['profile']})"

@@ -65,6 +65,17 @@ def test_vitb16_k400_matches_the_paper(
         assert info["gflops_total"] == pytest.approx(3 * info["gflops_per_view"], rel=1e-6)
 
 
+def test_decoder_as_run_costs_a_fraction_of_the_paper_count(capsys, monkeypatch) -> None:
+    """The query-side attention skips the per-token key and value projections (4 layers x
+    1576 tokens x 2 x 768^2 MACs = 7.4 G): about 0.16 G of decoder on top of the backbone."""
+    monkeypatch.chdir(ROOT)
+    info = model_info_json(capsys, "experiments/k400_vitb16_8f.yaml")
+    decoder_paper = info["gflops_per_view"] - info["backbone_gflops_per_view"]
+    decoder_run = info["gflops_per_view_run"] - info["backbone_gflops_per_view"]
+    assert decoder_paper == pytest.approx(7.48, rel=0.01)
+    assert 0.1 < decoder_run < 0.25
+
+
 def test_exact_parameter_count_of_the_default_model(capsys, monkeypatch) -> None:
     """4 x (7,089,408 block + 3,072 T-Conv + 6,144 T-PE) + 768 query + 309,136 head."""
     monkeypatch.chdir(ROOT)

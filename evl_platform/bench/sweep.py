@@ -130,7 +130,8 @@ def paper_compute_ratio(path: str | Path, planned: SweepPlan, options: SweepOpti
     for pack in packing.packs:
         infos = [model_info(t.cfg) for t in pack.trials]
         backbone = float(infos[0]["backbone_gflops_per_view"])  # type: ignore[arg-type]
-        decoders = [float(i["gflops_per_view"]) - backbone for i in infos]  # type: ignore[arg-type]
+        # the decoders as they run here (query-side attention), not as the paper counts them
+        decoders = [float(i["gflops_per_view_run"]) - backbone for i in infos]  # type: ignore[arg-type]
         unpacked += sum(backbone + forward * d for d in decoders)
         packed += backbone + forward * sum(decoders)
     return unpacked / packed

@@ -12,15 +12,16 @@ from evl_platform.models.evl import EVL, create_model
 from evl_platform.models.temporal import enabled_temporal_modules
 
 
-def count_gmacs(model: EVL | Cnn3d, *, num_frames: int) -> float:
+def count_gmacs(model: EVL | Cnn3d, *, num_frames: int, plain_attention: bool = True) -> float:
     """Multiply-accumulates (10^9) of one forward view: backbone + decoder + head for EVL,
     the whole network for the 3D CNN (convolutions and the linear head; normalisation,
     activations and pooling count nothing, as in the paper's convention).
 
     The paper's "GFLOPS" are multiply-accumulates; ``torch.utils.flop_counter`` counts two
-    FLOPs per MAC, hence the halving. The decoder's attention is counted in its plain form
-    (keys and values projected for every token, as the paper counts it), although training
-    and inference run the cheaper query-side form (:class:`.DecoderAttention`).
+    FLOPs per MAC, hence the halving. With ``plain_attention`` the decoder's attention is
+    counted in its plain form (keys and values projected for every token, as the paper counts
+    it); without, in the cheaper query-side form that training and inference run
+    (:class:`.DecoderAttention`).
     """
     height, width = model.image_size
     device = next(model.parameters()).device
@@ -29,7 +30,7 @@ def count_gmacs(model: EVL | Cnn3d, *, num_frames: int) -> float:
     attention = [m for m in model.modules() if isinstance(m, DecoderAttention)]
     try:
         for module in attention:
-            module.query_side = False
+            module.query_side = not plain_attention
         with FlopCounterMode(display=False) as counter:  # forward only: no backward is run
             model(video)
     finally:
@@ -44,17 +45,20 @@ def model_info(cfg: ExperimentConfig) -> dict[str, object]:
     Returns:
         ``arch``, ``new_params`` (decoder + temporal modules + head; the whole network for a
         3D CNN), ``backbone_params`` (0 for a 3D CNN), ``trainable_params``,
-        ``gflops_per_view`` (MACs), ``views`` and ``gflops_total``, plus the architecture
-        fields they depend on.
+        ``gflops_per_view`` (MACs, counted as the paper does), ``gflops_per_view_run``
+        (MACs as this code runs them: query-side decoder attention), ``views`` and
+        ``gflops_total``, plus the architecture fields they depend on.
     """
     with torch.device("meta"):
         model = create_model(cfg, load_weights=False)
     gflops = round(count_gmacs(model, num_frames=cfg.data.num_frames), 3)
+    run = round(count_gmacs(model, num_frames=cfg.data.num_frames, plain_attention=False), 3)
     views = cfg.data.test_views.total
     counts = {
         "new_params": sum(p.numel() for p in model.new_parameters()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "gflops_per_view": gflops,
+        "gflops_per_view_run": run,
         "views": views,
         "gflops_total": round(gflops * views, 3),
     }
