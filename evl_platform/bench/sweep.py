@@ -4,9 +4,10 @@ Both sweeps run back to back in one Ray session with the feature cache off (ever
 decoded, augmented and run through the frozen backbone: the online path, where packing is
 the only sharing), each into its own temporary MLflow store and storage (the user's store
 only gets the benchmark run). It also states the compute ratio the same packing gives on the
-paper profile, from :func:`~evl_platform.models.info.model_info`'s counts: per training clip a
-pack runs the backbone once and each member's decoder forward and backward (taken as three
-forwards), one trial per variant runs both per variant.
+paper profile, from :func:`~evl_platform.models.info.model_info`'s counts as the code runs
+them (``gflops_per_view_run``): per training clip a pack runs the backbone once and each
+member's decoder forward and backward (taken as three forwards), one trial per variant runs
+both per variant.
 """
 
 from __future__ import annotations

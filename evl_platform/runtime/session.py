@@ -23,7 +23,7 @@ WORKER_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     # glibc serves each multi-MB CPU tensor from fresh mmap'ed pages and hands them back on
     # free, so every step pays page faults to zero them again; keeping freed memory in the
-    # heap cut a tiny decoder step with T-CA from 70 to 54 ms (docs/benchmarks.md).
+    # heap cut a tiny decoder step with T-CA from 63-70 to 54 ms (docs/benchmarks.md).
     "MALLOC_MMAP_THRESHOLD_": str(32 * 1024**2),
     "MALLOC_TRIM_THRESHOLD_": str(4 * 1024**3),
 }

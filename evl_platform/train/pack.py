@@ -8,8 +8,8 @@ RNG draws), and keeps each member's RNG state for its dropout draws. Per batch,
 reads and keeps the union of what they read: block outputs and, for T-CA, the attention maps
 between adjacent frames, computed once from the backbone's queries and keys for every member
 that reads them (as the feature cache stores them); on the feature cache, the source reads
-that union instead. Each member then selects its own
-blocks (:meth:`~evl_platform.models.EVL.select_features`) and takes its step.
+that union instead. Each member then selects its own blocks
+(:meth:`~evl_platform.models.EVL.select_features`) and takes its step.
 """
 
 from __future__ import annotations
