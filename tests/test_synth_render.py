@@ -23,18 +23,40 @@ def test_motion_object_stands_out_from_a_dark_background(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["horizontal", "vertical"])
-def test_single_object_sweeps_nearly_the_whole_frame(kind: str) -> None:
+def test_a_slow_single_object_sweeps_nearly_the_whole_frame(kind: str) -> None:
     for seed in range(10):
-        (pose,) = render._motion_poses(kind, np.random.default_rng(seed), 8, SIZE, SIZE)
+        (pose,) = render._motion_poses(kind, np.random.default_rng(seed), 8, SIZE, SIZE, False)
         path = np.asarray(pose["cx" if kind == "horizontal" else "cy"])
         margin = render._EXTENT * float(pose["radius"])
         assert abs(path[-1] - path[0]) >= 0.85 * (SIZE - 2 * margin) - 1e-6
 
 
+def test_a_fast_crossing_jumps_further_than_a_patch_between_sampled_frames() -> None:
+    """No 8x8 patch of a 64 px fast clip shows the object in two sampled frames in a row.
+
+    The local recipe samples 8 of 32 frames, 4 apart. A temporal convolution over a patch's
+    features therefore sees the object come and go at once, the same in both directions.
+    """
+    for seed in range(40):
+        kind = ("horizontal", "vertical")[seed % 2]
+        frames, _ = render.motion_clip(kind, np.random.default_rng(seed), 32, 64, 64, True)
+        f = frames.astype(int)
+        on = (f.max(axis=-1) - f.min(axis=-1)) > 100  # (T, H, W) object pixels
+        for offset in range(4):
+            sampled = on[offset::4].reshape(8, 8, 8, 8, 8).any(axis=(2, 4))  # (8, rows, cols)
+            seen = sampled.any(axis=(1, 2))
+            assert seen.sum() >= 2, (seed, offset)
+            assert not (sampled[1:] & sampled[:-1]).any(), (seed, offset)
+            where = [np.argwhere(p).mean(0) for p in sampled[seen]]  # (row, col) centroids
+            axis = 1 if kind == "horizontal" else 0
+            steps = np.diff([w[axis] for w in where])
+            assert (steps > 0).all() if kind == "horizontal" else (steps < 0).all(), seed
+
+
 def test_two_objects_converge_along_a_diagonal() -> None:
     for seed in range(20):
         first, second = render._motion_poses(
-            "two_objects", np.random.default_rng(seed), 8, SIZE, SIZE
+            "two_objects", np.random.default_rng(seed), 8, SIZE, SIZE, False
         )
         dx = first["cx"][-1] - first["cx"][0]
         dy = first["cy"][-1] - first["cy"][0]

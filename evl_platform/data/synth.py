@@ -49,7 +49,7 @@ __all__ = [
     "write_video",
 ]
 
-GENERATOR_VERSION = 6  # bump whenever synth_render or synth_datasets change the output
+GENERATOR_VERSION = 7  # bump whenever synth_render or synth_datasets change the output
 MANIFEST = "manifest.json"  # written last: its presence marks a complete dataset
 
 
@@ -296,7 +296,7 @@ def _layout(dataset: str, directory: Path) -> SyntheticLayout:
 def _render_job(dataset: str, params: SynthParams, job: ClipJob, videos: Path) -> tuple[str, ...]:
     """Renders one job and writes its video(s); returns the placeholders (runs in a worker)."""
     spec = SYNTHETIC_DATASETS.get(dataset)
-    frames, placeholders = spec.render(job.entry.label, np.random.default_rng(job.seed), params)
+    frames, placeholders = spec.render(job, np.random.default_rng(job.seed), params)
     write_video(videos / job.entry.file_name, frames, fps=params.fps)
     if job.twin is not None:
         write_video(videos / job.twin.file_name, frames[::-1], fps=params.fps)

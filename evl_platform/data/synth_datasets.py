@@ -47,11 +47,18 @@ class ClipEntry:
 
 @dataclass(frozen=True)
 class ClipJob:
-    """One rendering: ``entry`` gets the frames, ``twin`` (if any) the same frames reversed."""
+    """One rendering: ``entry`` gets the frames, ``twin`` (if any) the same frames reversed.
+
+    Attributes:
+        seed: seeds the clip's generator.
+        entry / twin: the video(s) written.
+        index: the clip's number among the clips of its class in its split.
+    """
 
     seed: tuple[int, ...]
     entry: ClipEntry
     twin: ClipEntry | None = None
+    index: int = 0
 
     @property
     def entries(self) -> tuple[ClipEntry, ...]:
@@ -71,7 +78,8 @@ class SyntheticDataset:
         class_names: class names in index order.
         train_file / val_file / label_map_file: annotation file names in the dataset directory.
         plan: parameters -> every rendering job, in annotation order.
-        render: (class of the job's first clip, generator, parameters) -> (frames, placeholders).
+        render: (job, the job's generator, parameters) -> (frames, placeholders); the frames
+            are those of the job's first clip.
         write_annotations: (directory, class names, [(job, placeholders)]) -> None.
     """
 
@@ -81,7 +89,7 @@ class SyntheticDataset:
     val_file: str
     label_map_file: str | None
     plan: Callable[[SynthParams], list[ClipJob]]
-    render: Callable[[int, np.random.Generator, SynthParams], Rendered]
+    render: Callable[[ClipJob, np.random.Generator, SynthParams], Rendered]
     write_annotations: Callable[[Path, tuple[str, ...], list[tuple[ClipJob, Sequence[str]]]], None]
 
 
@@ -147,14 +155,17 @@ def _plan_motion(params: SynthParams) -> list[ClipJob]:
                     ClipEntry(str(i), f"{i}.mp4", 2 * pair + k, split)
                     for k, i in enumerate((next_id, next_id + 1))
                 )
-                jobs.append(ClipJob((params.seed, 2 * pair, split, index), first, second))
+                seed = (params.seed, 2 * pair, split, index)
+                jobs.append(ClipJob(seed, first, second, index))
                 next_id += 2
     return jobs
 
 
-def _render_motion(label: int, rng: np.random.Generator, params: SynthParams) -> Rendered:
-    kind = _MOTION_PAIRS[label // 2][0]
-    return render.motion_clip(kind, rng, params.num_frames, params.height, params.width)
+def _render_motion(job: ClipJob, rng: np.random.Generator, params: SynthParams) -> Rendered:
+    """Every other clip of a translation class is fast, so each split holds half of each."""
+    kind = _MOTION_PAIRS[job.entry.label // 2][0]
+    size = (params.num_frames, params.height, params.width)
+    return render.motion_clip(kind, rng, *size, fast=job.index % 2 == 1)
 
 
 def _write_ssv2(
@@ -213,12 +224,13 @@ def _plan_appearance(params: SynthParams) -> list[ClipJob]:
                 youtube_id, start = _kinetics_id(params.seed, label, split, index)
                 name = f"{youtube_id}_{start:06d}_{start + 10:06d}.mp4"
                 entry = ClipEntry(youtube_id, name, label, split, (start, start + 10))
-                jobs.append(ClipJob((params.seed, label, split, index), entry))
+                jobs.append(ClipJob((params.seed, label, split, index), entry, index=index))
     return jobs
 
 
-def _render_appearance(label: int, rng: np.random.Generator, params: SynthParams) -> Rendered:
-    frames = render.appearance_clip(label, rng, params.num_frames, params.height, params.width)
+def _render_appearance(job: ClipJob, rng: np.random.Generator, params: SynthParams) -> Rendered:
+    size = (params.num_frames, params.height, params.width)
+    frames = render.appearance_clip(job.entry.label, rng, *size)
     return frames, ()
 
 

@@ -197,12 +197,55 @@ def _ramp(start: float, end: float, num_frames: int) -> np.ndarray:
     return np.linspace(start, end, num_frames)
 
 
+# A translation is slow or fast (the dataset makes every other clip of a class fast). Slow: the
+# object stays in view and covers SLOW_TRAVEL of the frame over the whole clip, a few pixels per
+# sampled frame, which a temporal convolution reads at every patch it crosses. Fast: a small
+# object crosses the whole frame, from out of view to out of view, in FAST_FRAMES of the clip,
+# starting at a random time; between two sampled frames it jumps further than its own size, so
+# no patch sees it in two sampled frames in a row, and only modules that relate frames across
+# the image (T-PE, T-CA) can see which way it went.
+SLOW_TRAVEL = (0.85, 1.0)
+FAST_FRAMES = (0.35, 0.5)
+FAST_RADIUS = (0.08, 0.1)
+SLOW_RADIUS = (0.13, 0.2)
+
+
 def _travel(rng: np.random.Generator, lo: float, hi: float, num_frames: int) -> np.ndarray:
-    """A straight path over nearly all of ``[lo, hi]``, increasing, at constant speed."""
+    """A straight path over ``SLOW_TRAVEL`` of ``[lo, hi]``, increasing, at constant speed."""
     span = max(hi - lo, 0.0)
-    length = rng.uniform(0.85, 1.0) * span
+    length = rng.uniform(*SLOW_TRAVEL) * span
     start = lo + rng.uniform(0.0, span - length)
     return _ramp(start, start + length, num_frames)
+
+
+def _crossing(rng: np.random.Generator, lo: float, hi: float, num_frames: int) -> np.ndarray:
+    """A fast straight path from ``lo`` to ``hi``, held at either end outside its time window."""
+    duration = max(2, int(round(rng.uniform(*FAST_FRAMES) * num_frames)))
+    first = int(rng.integers(0, num_frames - duration + 1))
+    path = np.full(num_frames, lo, np.float64)
+    path[first : first + duration] = _ramp(lo, hi, duration)
+    path[first + duration :] = hi
+    return path
+
+
+def _translation(
+    rng: np.random.Generator, along: int, across: int, t: int, fast: bool
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """A slow or fast translation along an axis ``along`` pixels long, increasing.
+
+    Returns:
+        ``(position along, position across, radius)``, positions (T,) in pixels.
+    """
+    short = min(along, across)
+    radius = rng.uniform(*(FAST_RADIUS if fast else SLOW_RADIUS)) * short
+    margin = _EXTENT * radius
+    if fast:  # from just out of view to just out of view
+        path = _crossing(rng, -margin, along + margin, t)
+    else:
+        path = _travel(rng, margin, along - margin, t)
+    drift = rng.uniform(-0.08, 0.08) * short * np.linspace(0.0, 1.0, t)
+    side = np.clip(rng.uniform(margin, across - margin) + drift, margin, across - margin)
+    return path, side, radius
 
 
 def _sprite(shape: str, colour: str, **pose: np.ndarray | float) -> Sprite:
@@ -212,7 +255,12 @@ def _sprite(shape: str, colour: str, **pose: np.ndarray | float) -> Sprite:
 
 
 def motion_clip(
-    kind: str, rng: np.random.Generator, num_frames: int, height: int, width: int
+    kind: str,
+    rng: np.random.Generator,
+    num_frames: int,
+    height: int,
+    width: int,
+    fast: bool = False,
 ) -> tuple[np.ndarray, list[str]]:
     """Renders the first class of a motion pair; its time reversal is the second class.
 
@@ -222,6 +270,8 @@ def motion_clip(
             ``two_objects`` (converging).
         rng: the clip's generator; draws background, shapes, sizes, speed, start.
         num_frames / height / width: clip size.
+        fast: a ``horizontal`` or ``vertical`` clip is a fast crossing instead of a slow sweep
+            (see :data:`SLOW_TRAVEL`); the other kinds ignore it.
 
     Returns:
         ``(frames, placeholders)``: (T, H, W, 3) uint8 RGB frames and the SSv2 placeholder
@@ -231,29 +281,25 @@ def motion_clip(
     background = render_background(str(rng.choice(MOTION_BACKGROUNDS)), c0, c1, rng, height, width)
     count = 2 if kind == "two_objects" else 1
     looks = [(str(rng.choice(MOTION_SHAPES)), MOTION_COLOURS[kind]) for _ in range(count)]
-    poses = _motion_poses(kind, rng, num_frames, height, width)
+    poses = _motion_poses(kind, rng, num_frames, height, width, fast)
     sprites = [_sprite(s, c, **pose) for (s, c), pose in zip(looks, poses, strict=True)]
     return compose(background, sprites, num_frames), [f"{c} {s}" for s, c in looks]
 
 
 def _motion_poses(
-    kind: str, rng: np.random.Generator, t: int, height: int, width: int
+    kind: str, rng: np.random.Generator, t: int, height: int, width: int, fast: bool
 ) -> list[dict[str, np.ndarray | float]]:
     short = min(height, width)
     angle = rng.uniform(0.0, 2 * np.pi)
     if kind == "two_objects":
         return _converging_poses(rng, t, height, width, angle)
-    radius = rng.uniform(0.13, 0.2) * short
-    margin = _EXTENT * radius
-    drift = rng.uniform(-0.08, 0.08) * short * np.linspace(0.0, 1.0, t)
     if kind == "horizontal":
-        cx = _travel(rng, margin, width - margin, t)
-        cy = np.clip(rng.uniform(margin, height - margin) + drift, margin, height - margin)
+        cx, cy, radius = _translation(rng, width, height, t, fast)
         return [{"cx": cx, "cy": cy, "radius": radius, "angle": angle}]
     if kind == "vertical":  # upwards: y decreases
-        cy = _travel(rng, margin, height - margin, t)[::-1]
-        cx = np.clip(rng.uniform(margin, width - margin) + drift, margin, width - margin)
-        return [{"cx": cx, "cy": cy, "radius": radius, "angle": angle}]
+        cy, cx, radius = _translation(rng, height, width, t, fast)
+        return [{"cx": cx, "cy": cy[::-1], "radius": radius, "angle": angle}]
+    drift = rng.uniform(-0.08, 0.08) * short * np.linspace(0.0, 1.0, t)
     if kind == "scale":  # approaching: grows 3-4x
         r0, r1 = rng.uniform(0.08, 0.1) * short, rng.uniform(0.28, 0.34) * short
         m = _EXTENT * r1
