@@ -201,9 +201,10 @@ def _ramp(start: float, end: float, num_frames: int) -> np.ndarray:
 # object stays in view and covers SLOW_TRAVEL of the frame over the whole clip, a few pixels per
 # sampled frame, which a temporal convolution reads at every patch it crosses. Fast: a small
 # object crosses the whole frame, from out of view to out of view, in FAST_FRAMES of the clip,
-# starting at a random time; between two sampled frames it jumps further than its own size, so
-# no patch sees it in two sampled frames in a row, and only modules that relate frames across
-# the image (T-PE, T-CA) can see which way it went.
+# starting at a random time. At the local recipe's 64 px, 8 of 32 frames, it jumps further
+# than its own size plus a patch between two sampled frames, so no patch sees it in two sampled
+# frames in a row, and only modules that relate frames across the image (T-PE, T-CA) can see
+# which way it went.
 SLOW_TRAVEL = (0.85, 1.0)
 FAST_FRAMES = (0.35, 0.5)
 FAST_RADIUS = (0.08, 0.1)
