@@ -269,7 +269,8 @@ def motion_clip(
         kind: one of :data:`MOTION_KINDS`: ``horizontal`` (left to right), ``vertical``
             (upwards), ``scale`` (approaching, growing), ``rotation`` (clockwise),
             ``two_objects`` (converging).
-        rng: the clip's generator; draws background, shapes, sizes, speed, start.
+        rng: the clip's generator; draws background, shapes, sizes, path, start (and a
+            fast crossing's timing).
         num_frames / height / width: clip size.
         fast: a ``horizontal`` or ``vertical`` clip is a fast crossing instead of a slow sweep
             (see :data:`SLOW_TRAVEL`); the other kinds ignore it.
