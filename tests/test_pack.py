@@ -47,7 +47,7 @@ class Recorder(Callback):
         self.last: dict[str, float] = {}
 
     def on_step(self, step: int, result: StepResult) -> None:
-        self.losses.append(result.loss)
+        self.losses.append(float(result.loss))
 
     def on_report(self, report: Report) -> None:
         if report.last:
@@ -168,8 +168,12 @@ def test_a_member_with_a_non_finite_loss_stops_and_its_pack_mates_go_on(
 ) -> None:
     cfgs = _variants(_base(tmp_path, motion_small, reuse=False))
     packed = _packed(cfgs, poison="t_ca")
-    assert packed["t_ca"].losses == [] and packed["t_ca"].last == {}
-    assert "step 1" in str(packed["t_ca"].failure)
+    # its losses are checked on the device and read at the first logging step (2): it takes
+    # steps 1 and 2, reports nothing, and its failure names step 1
+    poisoned = packed["t_ca"]
+    assert len(poisoned.losses) == 2 and all(math.isnan(x) for x in poisoned.losses)
+    assert poisoned.last == {}
+    assert str(poisoned.failure).startswith("step 1:")
     assert packed["t_conv"].failure is None
     assert len(packed["t_conv"].losses) == 6 and "val/acc1" in packed["t_conv"].last
 

@@ -86,7 +86,7 @@ def _step(cfg: ExperimentConfig, net, optimizer, schedule, batch, split: int = 1
         device=CPU,
         amp=None,
         batch_split=split,
-    ).loss
+    ).loss.item()
 
 
 def test_cosine_schedule_matches_official_annealing() -> None:
@@ -262,7 +262,7 @@ class _Recorder(Callback):
 
     def on_step(self, step: int, result: StepResult) -> None:
         self.steps.append(step)
-        self.losses[step] = result.loss
+        self.losses[step] = float(result.loss)
 
     def on_train_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.train.append(step)
@@ -358,11 +358,14 @@ class _Poison(Callback):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_fit_stops_at_the_first_non_finite_loss(value: float) -> None:
+    """The loss is checked on the device every step and read at the next reporting step
+    (here step 6): the error names the first non-finite step (5), and nothing after it was
+    reported."""
     cfg = _cfg("frozen", log_every=2, eval_every=100, checkpoint_every=100)
     model, net, *_ = _parts(cfg)
-    poison, recorder = _Poison(at=3, value=value), _Recorder()
+    poison, recorder = _Poison(at=4, value=value), _Recorder()
     poison.model = model
-    with pytest.raises(NonFiniteLossError, match=r"^step 4: the training loss is nan") as error:
+    with pytest.raises(NonFiniteLossError, match=r"^step 5: the training loss is nan") as error:
         fit(
             net,
             _Source(),
@@ -370,6 +373,6 @@ def test_fit_stops_at_the_first_non_finite_loss(value: float) -> None:
             optimization=Optimization.create(model, cfg.train, CPU),
             callbacks=[poison, recorder],
         )
-    assert (error.value.step, math.isnan(error.value.loss)) == (4, True)
-    assert recorder.steps == [1, 2, 3] and [r.step for r in recorder.reports] == [2]
-    assert pickle.loads(pickle.dumps(error.value)).step == 4  # crosses from a Ray worker
+    assert (error.value.step, math.isnan(error.value.loss)) == (5, True)
+    assert recorder.steps == [1, 2, 3, 4, 5, 6] and [r.step for r in recorder.reports] == [2, 4]
+    assert pickle.loads(pickle.dumps(error.value)).step == 5  # crosses from a Ray worker

@@ -43,13 +43,22 @@ TIME_PHASES = {
     TIME_TRACKING: "tracking",
 }
 BACKBONE_FORWARD_IMAGES = "train/backbone_forward_images"
+DATA_WAIT = "data/wait_s"  # seconds a training step waited for its batch (mean per step)
 
 # The model's size, logged once at step 0 when the run is created (paper conventions: new
 # params = decoder + temporal modules + head; GFLOPs = multiply-accumulates x test views).
 MODEL_NEW_PARAMS = "model/new_params"
 MODEL_GFLOPS = "model/gflops_per_video"
 
-STEP_METRICS = (TRAIN_LOSS, TRAIN_ACC1, TRAIN_LR, TRAIN_CLIPS_PER_S, DEVICE_HOURS, BAD_VIDEOS)
+STEP_METRICS = (
+    TRAIN_LOSS,
+    TRAIN_ACC1,
+    TRAIN_LR,
+    TRAIN_CLIPS_PER_S,
+    DEVICE_HOURS,
+    BAD_VIDEOS,
+    DATA_WAIT,
+)
 EVAL_METRICS = (VAL_LOSS, VAL_ACC1, VAL_ACC5, VAL_MEAN_CLASS_ACC, VAL_CLIPS_PER_S)
 
 # Tags carried by every run.

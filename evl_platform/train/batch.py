@@ -3,13 +3,15 @@
 A batch's inputs are either decoded clips, (N, C, T, H, W) uint8, or backbone features read
 from the frozen-feature cache: one :class:`BlockFeatures` per decoder layer with (N, T, L, C)
 tensors, or (for a pack of decoders) block index -> :class:`BlockFeatures` of every block any
-member reads. Evaluation batches carry a view axis after N.
+member reads. Evaluation batches carry a view axis after N. :func:`batches_from` deals a
+run's batches step by step, epoch after epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,3 +66,32 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+class StepTimer:
+    """Wall time of the steps run since the last :meth:`lap`."""
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+
+    def lap(self) -> float:
+        """Seconds since the previous lap (or creation)."""
+        now = time.perf_counter()
+        elapsed, self._start = now - self._start, now
+        return elapsed
+
+
+def batches_from(step: int, steps_per_epoch: int, epoch_batches: Callable) -> Iterator:
+    """Yields ``(step, batch)`` forever from ``step`` on, epoch after epoch.
+
+    Args:
+        step: the next step to run (0, or the restored step after a resume).
+        steps_per_epoch: batches per epoch.
+        epoch_batches: ``(epoch, first_batch) -> iterable of batches`` of one epoch.
+    """
+    epoch, first = divmod(step, steps_per_epoch)
+    while True:
+        for batch in epoch_batches(epoch, first):
+            yield step, batch
+            step += 1
+        epoch, first = epoch + 1, 0

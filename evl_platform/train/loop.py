@@ -3,8 +3,10 @@
 :func:`fit` runs the steps from a start step to ``train.num_steps``: it keeps the metric
 window, times the steps (logging, validation and checkpoints excluded), validates every
 ``train.eval_every`` steps, asks for a checkpoint every ``train.checkpoint_every`` steps, logs
-every ``train.log_every`` steps (the last step does all three) and stops at the first
-non-finite loss. What happens with the results (all-reduce over workers, reports, checkpoint
+every ``train.log_every`` steps (the last step does all three) and stops a member whose loss
+went non-finite (checked on the device every step, read at the steps that report: nothing in
+a step waits for the device). The time each step waited for its batch is logged as
+``data/wait_s``. What happens with the results (all-reduce over workers, reports, checkpoint
 files, progress lines) is up to the :class:`Collective` and the :class:`Callback` objects it
 is given. One step and its optimizer: :mod:`evl_platform.train.step`; batches:
 :mod:`evl_platform.train.batch`; evaluation: :mod:`evl_platform.train.evaluation` (their
@@ -19,22 +21,38 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from torch import nn
 
 from evl_platform.config import TrainConfig
 from evl_platform.tracking import names
-from evl_platform.train.batch import InputBatch, Inputs, map_inputs, to_device
+from evl_platform.train.batch import (
+    InputBatch,
+    Inputs,
+    StepTimer,
+    batches_from,
+    map_inputs,
+    to_device,
+)
 from evl_platform.train.evaluation import EvalResult, evaluate, evaluate_members
-from evl_platform.train.member import Member, RngState, Window, stop_non_finite
+from evl_platform.train.member import (
+    Member,
+    RngState,
+    Window,
+    stop_non_finite,
+    train_metrics,
+)
 from evl_platform.train.step import (
     EVLForward,
     Optimization,
     StepResult,
     amp_dtype,
+    create_forward,
     create_optimizer,
     create_scaler,
     create_schedule,
     train_step,
+    unwrap,
 )
 
 __all__ = [
@@ -55,6 +73,7 @@ __all__ = [
     "Window",
     "amp_dtype",
     "batches_from",
+    "create_forward",
     "create_optimizer",
     "create_scaler",
     "create_schedule",
@@ -66,37 +85,9 @@ __all__ = [
     "to_device",
     "train_metrics",
     "train_step",
+    "unwrap",
     "validation_metrics",
 ]
-
-
-class StepTimer:
-    """Wall time of the steps run since the last :meth:`lap`."""
-
-    def __init__(self) -> None:
-        self._start = time.perf_counter()
-
-    def lap(self) -> float:
-        """Seconds since the previous lap (or creation)."""
-        now = time.perf_counter()
-        elapsed, self._start = now - self._start, now
-        return elapsed
-
-
-def batches_from(step: int, steps_per_epoch: int, epoch_batches: Callable) -> Iterator:
-    """Yields ``(step, batch)`` forever from ``step`` on, epoch after epoch.
-
-    Args:
-        step: the next step to run (0, or the restored step after a resume).
-        steps_per_epoch: batches per epoch.
-        epoch_batches: ``(epoch, first_batch) -> iterable of batches`` of one epoch.
-    """
-    epoch, first = divmod(step, steps_per_epoch)
-    while True:
-        for batch in epoch_batches(epoch, first):
-            yield step, batch
-            step += 1
-        epoch, first = epoch + 1, 0
 
 
 class TrainSource(Protocol):
@@ -119,8 +110,14 @@ class Collective(Protocol):
 
     world: int
 
-    def all_sum(self, values: Sequence[float]) -> list[float]:
-        """The element-wise sums of ``values`` over all workers."""
+    def all_sum(self, values: Sequence[float] | torch.Tensor) -> list[float]:
+        """The element-wise sums of ``values`` (numbers, or a 1-D tensor on the training
+        device) over all workers."""
+        ...
+
+    def all_min(self, values: torch.Tensor) -> list[float]:
+        """The element-wise minima of a 1-D tensor on the training device over all
+        workers."""
         ...
 
     def gather(self, result: EvalResult) -> EvalResult:
@@ -133,8 +130,13 @@ class SingleProcess:
 
     world = 1
 
-    def all_sum(self, values: Sequence[float]) -> list[float]:
+    def all_sum(self, values: Sequence[float] | torch.Tensor) -> list[float]:
+        if isinstance(values, torch.Tensor):
+            return values.double().tolist()
         return [float(v) for v in values]
+
+    def all_min(self, values: torch.Tensor) -> list[float]:
+        return values.double().tolist()
 
     def gather(self, result: EvalResult) -> EvalResult:
         return result
@@ -166,7 +168,9 @@ class Callback:
     """What :func:`fit` tells the code around it; every hook does nothing unless overridden."""
 
     def on_step(self, step: int, result: StepResult) -> None:
-        """After every optimisation step (with a finite loss); ``step`` counts steps done."""
+        """After every optimisation step; ``step`` counts steps done. ``result`` stays on
+        the device (reading it waits for the device) and its loss may be non-finite: the
+        loop finds that at the next reporting step."""
 
     def on_train_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """At a logging step, with the train metrics over all workers, before validation."""
@@ -181,7 +185,7 @@ the blocks any member reads); each member's ``select`` picks its own inputs from
 
 
 def fit(
-    net: EVLForward | nn.parallel.DistributedDataParallel,
+    net: nn.Module,
     source: TrainSource,
     cfg: TrainConfig,
     *,
@@ -226,14 +230,14 @@ def fit_members(
 ) -> dict[str, Report]:
     """Trains every member from ``start_step`` to ``cfg.num_steps`` on the same batches.
 
-    Every ``cfg.log_every`` steps each member's metric window is summed over the workers and
-    turned into train metrics, every ``cfg.eval_every`` steps the members are validated, every
-    ``cfg.checkpoint_every`` steps a checkpoint is due (the callbacks write it); the last step
-    does all three. The step time excludes the time spent in these. Per batch, ``shared`` (if
-    given) runs once and each member reads ``select[key]`` of its result; then each member takes
-    its optimisation step in turn. A member whose loss is not finite (on any worker) stops with
-    its :attr:`Member.failure`, the others go on; with one member, or when the last one stops,
-    the error is raised.
+    Each step, :meth:`_Fit.step` runs ``shared`` (if given) once on the batch and each member
+    its optimisation step on ``select[key]`` of the result, without waiting for the device.
+    At a reporting step (every ``cfg.log_every``, ``cfg.eval_every`` or
+    ``cfg.checkpoint_every`` steps, and the last) the members whose loss went non-finite stop
+    (:func:`~evl_platform.train.member.stop_non_finite`: the others go on; with one member,
+    or when the last one stops, the error is raised), then the loop logs (each member's
+    window summed over the workers into train metrics), validates, and reports (the
+    callbacks write checkpoints). The step time excludes these.
 
     Args:
         members: the models, each with its optimisation and callbacks.
@@ -257,77 +261,139 @@ def fit_members(
         NonFiniteLossError: the loss of the only member, or of the last one running, is NaN
             or infinite.
     """
-    if start_step >= cfg.num_steps:
-        return {}
-    collective = collective or SingleProcess()
-    spent = {m.key: (device_seconds or {}).get(m.key, 0.0) for m in members}
-    timer = StepTimer()
     running = [m for m in members if m.failure is None]
-    if not running:
+    if start_step >= cfg.num_steps or not running:
         return {}
-    for step, batch in batches_from(start_step, source.steps_per_epoch, source.train_batches):
-        done = step + 1
-        inputs = batch.inputs if shared is None else shared(batch.inputs)
-        shared_seconds = timer.lap() / max(1, len(running))
-        results = {}
-        for member in running:
-            own = inputs if select is None else select[member.key](inputs)
+    spent = {m.key: (device_seconds or {}).get(m.key, 0.0) for m in running}
+    run = _Fit(running, source, cfg, collective or SingleProcess(), shared, select, spent)
+    batches = batches_from(start_step, source.steps_per_epoch, source.train_batches)
+    for done in range(start_step + 1, cfg.num_steps + 1):
+        run.step(done, batches)
+        due = _Due.at(done, cfg)
+        if not due.any:
+            continue
+        run.running = stop_non_finite(run.running, done, run.collective)
+        metrics = run.log(done) if due.log else {m.key: {} for m in run.running}
+        validations = run.validate(metrics) if due.validate else {}
+        reports = run.report(done, due, metrics, validations)
+        if after_report is not None:
+            after_report(done, reports)
+        if due.last:
+            return reports
+        run.timer.lap()  # logging, validation and checkpoints are not step time
+    raise AssertionError("unreachable: the last step returns")
+
+
+@dataclass(frozen=True)
+class _Due:
+    """What a step does besides training."""
+
+    log: bool
+    validate: bool
+    checkpoint: bool
+    last: bool
+
+    @staticmethod
+    def at(done: int, cfg: TrainConfig) -> _Due:
+        last = done == cfg.num_steps
+        return _Due(
+            log=done % cfg.log_every == 0 or last,
+            validate=done % cfg.eval_every == 0 or last,
+            checkpoint=done % cfg.checkpoint_every == 0 or last,
+            last=last,
+        )
+
+    @property
+    def any(self) -> bool:
+        return self.log or self.validate or self.checkpoint
+
+
+@dataclass
+class _Fit:
+    """The state :func:`fit_members` carries from step to step, and its jobs."""
+
+    running: list[Member]
+    source: TrainSource
+    cfg: TrainConfig
+    collective: Collective
+    shared: SharedForward | None
+    select: Mapping[str, Callable[[Any], Inputs]] | None
+    spent: dict[str, float]
+    timer: StepTimer = field(default_factory=StepTimer)
+
+    def step(self, done: int, batches: Iterator[tuple[int, InputBatch]]) -> None:
+        """Step ``done``: waits for its batch, runs ``shared`` once and every member's
+        optimisation step; adds each result to the member's window (no host sync)."""
+        waiting = time.perf_counter()
+        _, batch = next(batches)
+        waited = time.perf_counter() - waiting
+        inputs = batch.inputs if self.shared is None else self.shared(batch.inputs)
+        shared_seconds = self.timer.lap() / len(self.running)
+        for member in self.running:
+            own = inputs if self.select is None else self.select[member.key](inputs)
             with member.own_rng():
-                results[member.key] = _step(
+                result = _step(
                     member.net,
                     InputBatch(own, batch.labels, batch.indices),
                     member.optimization,
-                    cfg.batch_split,
+                    self.cfg.batch_split,
                 )
-            member.window.add(results[member.key], timer.lap() + shared_seconds)
-        running = stop_non_finite(running, results, done, collective)
-        for member in running:
+            member.window.add(result, done, self.timer.lap() + shared_seconds, waited)
             for callback in member.callbacks:
-                callback.on_step(done, results[member.key])
-        last = done == cfg.num_steps
-        metrics: dict[str, dict[str, float]] = {m.key: {} for m in running}
-        if done % cfg.log_every == 0 or last:
-            for member in running:
-                found, seconds = train_metrics(
-                    member.window, member.net, source, member.optimization, collective
-                )
-                spent[member.key] += seconds
-                found[names.DEVICE_HOURS] = spent[member.key] / 3600
-                for callback in member.callbacks:
-                    callback.on_train_metrics(done, found)
-                metrics[member.key] = found
-                member.window = Window()
-        validations: dict[str, EvalResult] = {}
-        if done % cfg.eval_every == 0 or last:
-            device, amp = running[0].optimization.device, running[0].optimization.amp
-            local = evaluate_members(
-                {m.key: m.net for m in running},
-                source.val_batches(),
-                device=device,
-                amp=amp,
-                shared=shared,
-                select=select,
+                callback.on_step(done, result)
+
+    def log(self, done: int) -> dict[str, dict[str, float]]:
+        """Every member's train metrics over all workers (one all-reduce); starts new
+        windows."""
+        found = train_metrics(self.running, self.source, self.collective)
+        for member in self.running:
+            metrics, seconds = found[member.key]
+            self.spent[member.key] += seconds
+            metrics[names.DEVICE_HOURS] = self.spent[member.key] / 3600
+            for callback in member.callbacks:
+                callback.on_train_metrics(done, metrics)
+            member.window = Window()
+        return {key: metrics for key, (metrics, _) in found.items()}
+
+    def validate(self, metrics: dict[str, dict[str, float]]) -> dict[str, EvalResult]:
+        """Every member's validation scores over all workers; adds their metrics."""
+        lead = self.running[0].optimization
+        local = evaluate_members(
+            {m.key: m.net for m in self.running},
+            self.source.val_batches(),
+            device=lead.device,
+            amp=lead.amp,
+            shared=self.shared,
+            select=self.select,
+        )
+        validations = {key: self.collective.gather(result) for key, result in local.items()}
+        for key, result in validations.items():
+            metrics[key] |= validation_metrics(result)
+        return validations
+
+    def report(
+        self,
+        done: int,
+        due: _Due,
+        metrics: dict[str, dict[str, float]],
+        validations: dict[str, EvalResult],
+    ) -> dict[str, Report]:
+        """Hands every running member's report to its callbacks."""
+        reports = {
+            m.key: Report(
+                done,
+                metrics[m.key],
+                due.checkpoint,
+                due.last,
+                self.spent[m.key],
+                validations.get(m.key),
             )
-            for key, result in local.items():
-                validations[key] = collective.gather(result)
-                metrics[key] |= validation_metrics(validations[key])
-        checkpoint = done % cfg.checkpoint_every == 0 or last
-        if any(metrics.values()) or checkpoint:
-            reports = {
-                m.key: Report(
-                    done, metrics[m.key], checkpoint, last, spent[m.key], validations.get(m.key)
-                )
-                for m in running
-            }
-            for member in running:
-                for callback in member.callbacks:
-                    callback.on_report(reports[member.key])
-            if after_report is not None:
-                after_report(done, reports)
-            if last:
-                return reports
-            timer.lap()  # logging, validation and checkpoints are not step time
-    raise AssertionError("unreachable: batches_from never ends")
+            for m in self.running
+        }
+        for member in self.running:
+            for callback in member.callbacks:
+                callback.on_report(reports[member.key])
+        return reports
 
 
 def _step(
@@ -345,36 +411,6 @@ def _step(
     )
 
 
-def train_metrics(
-    window: Window,
-    net: nn.Module,
-    source: TrainSource,
-    optimization: Optimization,
-    collective: Collective,
-) -> tuple[dict[str, float], float]:
-    """The train metrics of a window summed over the workers, and its device seconds."""
-    loss_sum, hits, clips, seconds, bad, images = collective.all_sum(
-        [
-            window.loss_sum,
-            window.hits,
-            window.clips,
-            window.seconds,
-            source.bad_videos,
-            _forward_images(net),
-        ]
-    )
-    wall = seconds / collective.world
-    metrics = {
-        names.TRAIN_LOSS: loss_sum / clips,
-        names.TRAIN_ACC1: hits / clips * 100,
-        names.TRAIN_LR: optimization.optimizer.param_groups[0]["lr"],
-        names.TRAIN_CLIPS_PER_S: clips / wall if wall > 0 else 0.0,
-        names.BAD_VIDEOS: bad,
-        names.BACKBONE_FORWARD_IMAGES: images,
-    }
-    return metrics, seconds
-
-
 def validation_metrics(result: EvalResult) -> dict[str, float]:
     """Loss, top-1/top-5, mean per-class accuracy and throughput of merged scores."""
     num_classes = result.probs.shape[1]
@@ -385,10 +421,3 @@ def validation_metrics(result: EvalResult) -> dict[str, float]:
         names.VAL_MEAN_CLASS_ACC: float(np.nanmean(result.per_class_accuracy(num_classes))),
         names.VAL_CLIPS_PER_S: len(result.labels) / max(result.seconds, 1e-9),
     }
-
-
-def _forward_images(net: nn.Module) -> int:
-    """Images the model's backbone has encoded (none while training on cached features)."""
-    if isinstance(net, nn.parallel.DistributedDataParallel):
-        net = net.module
-    return net.model.forward_images

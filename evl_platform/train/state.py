@@ -19,18 +19,25 @@ from torch import nn
 
 from evl_platform.config import ExperimentConfig, dump_config, flatten_config
 from evl_platform.train.errors import NonFiniteLossError
+from evl_platform.train.member import RngState
 
 if TYPE_CHECKING:
-    from evl_platform.train.loop import Member
+    from evl_platform.train.member import Member
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
 PACK_FILE = "pack.json"
+CPU = torch.device("cpu")
 FINAL_FILES = "final"  # the run files the last checkpoint carries to the driver
 # Fields that change the model's architecture or its weights' meaning: a resume must match.
 ARCHITECTURE_PREFIXES = ("model.",)
 ARCHITECTURE_KEYS = ("data.num_classes", "data.num_frames")
+
+
+def rng_file(rank: int) -> str:
+    """The name of worker ``rank``'s RNG file in a checkpoint directory."""
+    return f"rng_rank{rank}.pt"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -71,15 +78,14 @@ def save_checkpoint(
     cfg: ExperimentConfig,
     run_id: str | None,
     metrics: dict[str, float] | None = None,
+    device: torch.device = CPU,
 ) -> None:
     """Writes this worker's part of a checkpoint into ``directory``; ``metrics`` are the
     values reported with it (re-reported on restore, in case the driver died before they
-    were logged)."""
+    were logged). The RNG file holds the CPU's and ``device``'s generator states
+    (:class:`~evl_platform.train.member.RngState`)."""
     directory.mkdir(parents=True, exist_ok=True)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, directory / f"rng_rank{rank}.pt")
+    RngState.capture(device).save(directory / rng_file(rank))
     if rank != 0:
         return
     torch.save(
@@ -110,8 +116,10 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
+    device: torch.device = CPU,
 ) -> TrainingState:
-    """Restores a checkpoint written by :func:`save_checkpoint` into live objects."""
+    """Restores a checkpoint written by :func:`save_checkpoint` into live objects, and this
+    worker's RNG state (``device``'s CUDA generator on a GPU)."""
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     expected_missing = set(trainable_state(model)) ^ set(model.state_dict())
@@ -123,12 +131,9 @@ def load_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    rng_file = directory / f"rng_rank{rank}.pt"
-    if rng_file.exists():  # absent when resuming on more workers than before
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+    rng = directory / rng_file(rank)
+    if rng.exists():  # absent when resuming on more workers than before
+        RngState.load(rng, device).restore()
     meta = json.loads((directory / META_FILE).read_text())
     return TrainingState(meta["step"], meta["device_seconds"], meta["run_id"], meta["metrics"])
 

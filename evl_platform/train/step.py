@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evl_platform.config import TrainConfig
+from evl_platform.models import BlockFeatures
 from evl_platform.train.batch import InputBatch, Inputs, autocast, map_inputs, to_device
 
 _AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,6 +39,97 @@ class EVLForward(nn.Module):
         if isinstance(inputs, torch.Tensor):
             return self.model(inputs)
         return self.model.classify(inputs)
+
+
+class DecoderForward(nn.Module):
+    """The trainable part of an EVL model on a frozen backbone: decoder + head on features.
+
+    Its parameters and buffers are the decoder's and the head's only (the backbone is not a
+    submodule), so DDP around it neither broadcasts nor watches the shared frozen backbone.
+
+    Args:
+        model: the EVL model (its ``classify`` runs decoder + head).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.decoder, self.head = model.decoder, model.head
+        self._classify = model.classify  # a bound method: the backbone stays unregistered
+
+    def forward(self, features: Sequence[BlockFeatures]) -> torch.Tensor:
+        """(N, classes) logits of one :class:`BlockFeatures` per decoder layer."""
+        return self._classify(features)
+
+
+class FrozenBackboneForward(nn.Module):
+    """Clips or features -> logits, the frozen backbone outside the trained module.
+
+    On clips the backbone runs here, without gradients and outside DDP; ``trainable`` (a
+    :class:`DecoderForward`, DDP-wrapped with several workers) classifies its features.
+
+    Args:
+        model: the EVL model on a frozen backbone.
+        trainable: its decoder + head, possibly DDP-wrapped.
+    """
+
+    def __init__(self, model: nn.Module, trainable: nn.Module) -> None:
+        super().__init__()
+        self.model, self.trainable = model, trainable
+
+    def forward(self, inputs: Inputs) -> torch.Tensor:
+        """(N, classes) logits of clips (N, 3, T, H, W) or of per-layer features."""
+        if isinstance(inputs, torch.Tensor):
+            with torch.no_grad():
+                inputs = self.model.extract_features(inputs)
+        return self.trainable(inputs)
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync`` of the trained module (a no-op without DDP)."""
+        if isinstance(self.trainable, nn.parallel.DistributedDataParallel):
+            return self.trainable.no_sync()
+        return contextlib.nullcontext()
+
+
+def create_forward(
+    model: nn.Module, *, device: torch.device, distributed: bool = False
+) -> nn.Module:
+    """The module :func:`train_step` calls, with DDP around only what trains.
+
+    On a frozen backbone (an EVL model whose ``model.backbone.mode`` is ``frozen``) DDP wraps
+    :class:`DecoderForward` with ``forward_sync_buffers=False`` (torch's successor of
+    ``broadcast_buffers=False``: its buffers, such as T-CA's index tables, are constants, synced
+    once at construction and never per forward) and the backbone runs outside it
+    (:class:`FrozenBackboneForward`), as DINOv2's linear evaluation does. A finetuned backbone,
+    or a model without one (``cnn3d``), trains whole: DDP wraps :class:`EVLForward`.
+
+    Args:
+        model: the model, on ``device``.
+        device: where it trains (a CUDA device is DDP's one device id).
+        distributed: wrap in DDP (several workers in the default process group).
+    """
+    ids = [device] if device.type == "cuda" else None
+    if not is_frozen_evl(model):
+        net: nn.Module = EVLForward(model)
+        return nn.parallel.DistributedDataParallel(net, device_ids=ids) if distributed else net
+    trainable: nn.Module = DecoderForward(model)
+    if distributed:
+        trainable = nn.parallel.DistributedDataParallel(
+            trainable, device_ids=ids, forward_sync_buffers=False
+        )
+    return FrozenBackboneForward(model, trainable)
+
+
+def is_frozen_evl(model: nn.Module) -> bool:
+    """Whether ``model`` is an EVL model whose backbone does not train."""
+    backbone = getattr(model, "backbone", None)
+    return hasattr(model, "classify") and backbone is not None and not backbone.trainable
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The model under its :func:`create_forward` (and DDP) wrappers."""
+    if isinstance(net, nn.parallel.DistributedDataParallel):
+        net = net.module
+    return getattr(net, "model", net)
 
 
 def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -75,15 +168,24 @@ def create_scaler(
 
 @dataclass
 class StepResult:
-    """Loss and top-1 hits of one optimisation step on this worker."""
+    """Loss and top-1 hits of one optimisation step on this worker, kept on the device.
 
-    loss: float
-    hits: int
+    Reading them (``float``, ``.item()``) waits for the device: the loop reads them only at
+    logging steps (:class:`~evl_platform.train.member.Window`).
+
+    Attributes:
+        loss: 0-dim float32 tensor, the mean loss over the batch (NaN or inf if not finite).
+        hits: 0-dim int64 tensor, top-1 hits.
+        clips: clips in the batch (known on the host).
+    """
+
+    loss: torch.Tensor
+    hits: torch.Tensor
     clips: int
 
 
 def train_step(
-    model: EVLForward | nn.parallel.DistributedDataParallel,
+    model: nn.Module,
     batch: InputBatch,
     *,
     optimizer: torch.optim.Optimizer,
@@ -94,13 +196,23 @@ def train_step(
     batch_split: int = 1,
 ) -> StepResult:
     """Forward, backward and update on one batch, split into ``batch_split`` sequential chunks
-    whose gradients accumulate (the official ``--batch_split``); DDP syncs only the last."""
+    whose gradients accumulate (the official ``--batch_split``); DDP syncs only the last.
+
+    Nothing here waits for the device: loss and hits stay device tensors, and the update
+    happens whatever the loss (a non-finite one is found at the next logging step, see
+    :meth:`~evl_platform.train.member.Window.add`).
+
+    Args:
+        model: a :func:`create_forward` module (or :class:`EVLForward`), DDP-wrapped or not.
+    """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    inputs, labels = to_device(batch.inputs, device), batch.labels.to(device)
+    inputs = to_device(batch.inputs, device)
+    labels = batch.labels.to(device, non_blocking=True)
     size = len(labels)
     chunk = math.ceil(size / batch_split)
-    loss_sum, hits = 0.0, 0
+    loss_sum = torch.zeros((), device=device)
+    hits = torch.zeros((), dtype=torch.int64, device=device)
     starts = range(0, size, chunk)
     for i, start in enumerate(starts):
         part = slice(start, start + chunk)
@@ -110,8 +222,8 @@ def train_step(
                 logits = model(map_inputs(inputs, lambda x, p=part: x[p]))
                 loss = F.cross_entropy(logits.float(), labels[part])
             scaler.scale(loss * (len(labels[part]) / size)).backward()
-        loss_sum += loss.item() * len(labels[part])
-        hits += int((logits.argmax(-1) == labels[part]).sum())
+        loss_sum += loss.detach() * len(labels[part])
+        hits += (logits.detach().argmax(-1) == labels[part]).sum()
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
