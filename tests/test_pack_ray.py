@@ -23,6 +23,8 @@ import torch
 import yaml
 from conftest import layout_data, write_config
 from mlflow.tracking import MlflowClient
+from torch import nn
+from worker_faults import InjectIntoWorkers, WorkerMember
 
 from evl_platform.config import ExperimentConfig, apply_overrides
 from evl_platform.data.synth import SyntheticLayout
@@ -30,7 +32,7 @@ from evl_platform.runtime.storage import PackRecord
 from evl_platform.sweep.runner import SweepOptions, run_sweep
 from evl_platform.tracking import names
 from evl_platform.train.launcher import PackMember, TrainOptions, train, train_pack
-from evl_platform.train.worker import WorkerStep
+from evl_platform.train.loop import Callback, StepResult
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import it
@@ -38,16 +40,23 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers c
 FIXED_VIEWS = {"random_resized_crop": None, "rand_augment": None, "horizontal_flip": False}
 
 
-class PoisonMember:
+class PoisonMember(Callback):
     """Sets one member's head to NaN after ``step``: its next loss is not finite."""
 
-    def __init__(self, member: str, step: int) -> None:
-        self.member, self.step = member, step
+    def __init__(self, member: str, step: int, model: nn.Module | None = None) -> None:
+        self.member, self.step, self.model = member, step, model
 
-    def __call__(self, event: WorkerStep) -> None:
-        if event.member == self.member and event.step == self.step:
+    def __call__(self, worker: WorkerMember) -> Callback:
+        return (
+            PoisonMember(self.member, self.step, worker.model)
+            if worker.key == self.member
+            else Callback()
+        )
+
+    def on_step(self, step: int, result: StepResult) -> None:
+        if step == self.step and self.model is not None:
             with torch.no_grad():
-                event.model.head.fc.weight.fill_(math.nan)
+                self.model.head.fc.weight.fill_(math.nan)
 
 
 def _client(tmp_path: Path) -> MlflowClient:
@@ -97,7 +106,9 @@ def test_a_pack_tracks_each_member_as_alone_and_a_non_finite_member_fails_alone(
     alone = train(conv, TrainOptions(**options, run_name="conv-alone"))
     outcomes = train_pack(
         [PackMember("conv", conv, "conv-packed"), PackMember("pe", pe, "pe-packed")],
-        TrainOptions(**options, run_name="pack0", worker_hooks=[PoisonMember("pe", 2)]),
+        TrainOptions(
+            **options, run_name="pack0", callbacks=[InjectIntoWorkers(PoisonMember("pe", 2))]
+        ),
     )
     assert outcomes["conv"].status == names.STATUS_FINISHED
     assert outcomes["pe"].status == names.STATUS_FAILED
@@ -121,7 +132,8 @@ def test_a_pack_tracks_each_member_as_alone_and_a_non_finite_member_fails_alone(
     artifacts = {a.path for a in _client(tmp_path).list_artifacts(packed.info.run_id)}
     assert {names.ARTIFACT_SCORES, names.ARTIFACT_WEIGHTS, names.ARTIFACT_CONFIG} <= artifacts
     assert artifacts == {a.path for a in _client(tmp_path).list_artifacts(single.info.run_id)}
-    # the poisoned member stopped at its first non-finite loss, with the reason in its run
+    # the poisoned member stopped at its first non-finite loss (step 3, found at the logging
+    # step 4, before anything was reported), with the reason in its run
     assert failed.info.status == "FAILED"
     assert "step 3" in failed.data.tags[names.TAG_FAILURE]
     assert [s for s, _ in _history(tmp_path, failed.info.run_id, names.TRAIN_LOSS)] == [2]

@@ -4,7 +4,8 @@ Each test trains the micro backbone on the small motion stand-in for a few steps
 must then hold exactly one run with every logged step, the config and the per-video scores,
 also across a worker failure, a killed driver (``--resume``) and frozen-feature reuse; a
 loss that goes non-finite fails the run. Failures are injected by worker hooks defined here,
-which reach the workers pickled by value.
+handed to every worker by a Ray Train worker callback (:mod:`worker_faults`) and pickled by
+value.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import yaml
 from conftest import layout_data, write_config
 from mlflow.tracking import MlflowClient
 from ray.train import TrainingFailedError
+from worker_faults import InjectIntoWorkers, WorkerMember
 
 from evl_platform.cli import main
 from evl_platform.config import ExperimentConfig, flatten_config
@@ -35,7 +37,7 @@ from evl_platform.models.info import model_info
 from evl_platform.runtime.storage import RUN_RECORD
 from evl_platform.tracking import names
 from evl_platform.train.launcher import TrainOptions, train
-from evl_platform.train.worker import WorkerStep
+from evl_platform.train.loop import Callback, StepResult
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import it
@@ -81,36 +83,46 @@ def _steps(tmp_path: Path, run_id: str, key: str) -> list[int]:
 
 
 @dataclass
-class FailOnce:
+class FailOnce(Callback):
     """Makes the last worker raise at ``step``, once: the marker file records that it did."""
 
     step: int
     marker: str
+    worker: WorkerMember | None = None
 
-    def __call__(self, event: WorkerStep) -> None:
-        marker = Path(self.marker)
-        if event.step == self.step and event.rank == event.world - 1 and not marker.exists():
-            marker.write_text(f"failed at step {event.step}\n")
-            raise RuntimeError(f"injected failure at step {event.step} (rank {event.rank})")
+    def __call__(self, worker: WorkerMember) -> FailOnce:
+        return dataclasses.replace(self, worker=worker)
+
+    def on_step(self, step: int, result: StepResult) -> None:
+        marker, worker = Path(self.marker), self.worker
+        assert worker is not None
+        if step == self.step and worker.rank == worker.world - 1 and not marker.exists():
+            marker.write_text(f"failed at step {step}\n")
+            raise RuntimeError(f"injected failure at step {step} (rank {worker.rank})")
 
 
 @dataclass
-class PoisonWeights:
+class PoisonWeights(Callback):
     """Sets every trainable weight to NaN after ``step``; rank 0 appends a line per attempt."""
 
     step: int
     marker: str
+    worker: WorkerMember | None = None
 
-    def __call__(self, event: WorkerStep) -> None:
-        if event.step != self.step:
+    def __call__(self, worker: WorkerMember) -> PoisonWeights:
+        return dataclasses.replace(self, worker=worker)
+
+    def on_step(self, step: int, result: StepResult) -> None:
+        if step != self.step:
             return
+        assert self.worker is not None
         with torch.no_grad():
-            for p in event.model.parameters():
+            for p in self.worker.model.parameters():
                 if p.requires_grad:
                     p.fill_(float("nan"))
-        if event.rank == 0:
+        if self.worker.rank == 0:
             with open(self.marker, "a") as file:
-                file.write(f"poisoned after step {event.step}\n")
+                file.write(f"poisoned after step {step}\n")
 
 
 def test_two_workers_make_one_complete_run(tmp_path: Path, motion_small: SyntheticLayout) -> None:
@@ -164,7 +176,7 @@ def test_worker_failure_restarts_from_checkpoint_into_the_same_run(
 ) -> None:
     cfg = _config(tmp_path, motion_small, reuse=True)
     marker = tmp_path / "failed.txt"
-    train(cfg, _options(tmp_path, worker_hooks=[FailOnce(7, str(marker))]))
+    train(cfg, _options(tmp_path, callbacks=[InjectIntoWorkers(FailOnce(7, str(marker)))]))
 
     assert marker.read_text() == "failed at step 7\n"  # the failure really happened
     [run] = _runs(tmp_path)
@@ -178,13 +190,14 @@ def test_worker_failure_restarts_from_checkpoint_into_the_same_run(
 def test_non_finite_loss_fails_the_run_after_its_restarts(
     tmp_path: Path, motion_small: SyntheticLayout
 ) -> None:
-    """A NaN loss stops the workers; Ray Train restarts them from the last checkpoint
-    (``train.max_failures`` times: it has no per-error policy), the loss goes NaN again, and
-    the run ends FAILED with the step and the loss in the error."""
+    """A NaN loss (found at the next logging step) stops the workers; Ray Train restarts them
+    from the last checkpoint (``train.max_failures`` times: it has no per-error policy), the
+    loss goes NaN again, and the run ends FAILED with the step and the loss in the error."""
     cfg = _config(tmp_path, motion_small, reuse=True, num_steps=8, max_failures=1)
     marker = tmp_path / "poisoned.txt"
     with pytest.raises(TrainingFailedError, match=r"step 6: the training loss is nan"):
-        train(cfg, _options(tmp_path, worker_hooks=[PoisonWeights(5, str(marker))]))
+        poison = InjectIntoWorkers(PoisonWeights(5, str(marker)))
+        train(cfg, _options(tmp_path, callbacks=[poison]))
 
     assert marker.read_text() == "poisoned after step 5\n" * 2  # the first run and one restart
     [run] = _runs(tmp_path)

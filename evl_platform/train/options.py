@@ -5,13 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from evl_platform.config import ExperimentConfig
 from evl_platform.tracking import names
-
-if TYPE_CHECKING:
-    from evl_platform.train.worker import WorkerHook
 
 
 @dataclass
@@ -31,14 +28,8 @@ class TrainOptions:
         run_name: Ray/MLflow run name (default ``<experiment>-<timestamp>``).
         parent_run_id: nest the MLflow run under this run (sweeps).
         tags: extra MLflow tags (e.g. ``variant``).
-        callbacks: extra Ray Train callbacks (e.g. Tune's report callback).
-        worker_hooks: functions every worker calls after every step with a
-            :class:`~evl_platform.train.worker.WorkerStep` (step, rank, world, model, loss):
-            watch or change the run from outside it (tests inject failures with one). They
-            travel to the workers with cloudpickle, so a function defined in a module the
-            workers cannot import must be registered for pickling by value
-            (``ray.cloudpickle.register_pickle_by_value``); an exception one raises is a
-            worker failure.
+        callbacks: extra Ray Train callbacks (e.g. Tune's report callback; a Ray Train
+            ``WorkerCallback`` runs in every worker process, where tests inject faults).
         check_storage: on a cluster, refuse storage that not every node shares (see
             :func:`evl_platform.runtime.cluster.check_shared`); a sweep checks once for all trials.
     """
@@ -55,7 +46,6 @@ class TrainOptions:
     parent_run_id: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
     callbacks: Sequence[Any] = ()
-    worker_hooks: Sequence[WorkerHook] = ()
     check_storage: bool = True
 
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 import datetime
 import logging
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +40,14 @@ from evl_platform.train.inputs import create_source
 from evl_platform.train.loop import (
     Callback,
     EvalResult,
-    EVLForward,
     Member,
     Optimization,
     Report,
-    StepResult,
+    create_forward,
     fit_members,
+    unwrap,
 )
-from evl_platform.train.pack import build_pack
+from evl_platform.train.pack import BuiltPack, build_pack
 from evl_platform.train.state import (
     FINAL_FILES,
     TrainingState,
@@ -58,32 +57,6 @@ from evl_platform.train.state import (
     trainable_state,
     write_pack_state,
 )
-
-
-@dataclass(frozen=True)
-class WorkerStep:
-    """What a worker hook sees after each optimisation step.
-
-    Attributes:
-        step: steps done (1-based).
-        member: the member's key in a pack (``""`` for a run of its own).
-        rank: this worker's rank.
-        world: the number of workers.
-        model: this worker's model (the EVL model, not its DDP wrapper).
-        loss: this worker's loss of the step.
-    """
-
-    step: int
-    rank: int
-    world: int
-    model: nn.Module
-    loss: float
-    member: str = ""
-
-
-WorkerHook = Callable[[WorkerStep], None]
-"""Called by every worker after every step (``TrainOptions.worker_hooks``); it travels to the
-workers pickled (cloudpickle), and an exception it raises is a worker failure."""
 
 
 class ProcessGroup:
@@ -96,10 +69,20 @@ class ProcessGroup:
     def _joined(self) -> bool:
         return dist.is_available() and dist.is_initialized()
 
-    def all_sum(self, values: Sequence[float]) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def all_sum(self, values: Sequence[float] | torch.Tensor) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.SUM)
+
+    def all_min(self, values: torch.Tensor) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.MIN)
+
+    def _reduce(self, values: Sequence[float] | torch.Tensor, op: dist.ReduceOp) -> list[float]:
+        """One all-reduce and one read of ``values`` as float64 on this worker's device."""
+        if isinstance(values, torch.Tensor):
+            tensor = values.to(self.device, torch.float64)
+        else:
+            tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self._joined():
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, op=op)
         return tensor.tolist()
 
     def gather(self, result: EvalResult) -> EvalResult:
@@ -142,21 +125,6 @@ class Progress(Callback):
         )
 
 
-class Hooks(Callback):
-    """Calls the run's :data:`WorkerHook` functions after every step."""
-
-    def __init__(
-        self, hooks: Sequence[WorkerHook], *, rank: int, world: int, model: nn.Module, member: str
-    ):
-        self.hooks, self.rank, self.world, self.model = hooks, rank, world, model
-        self.member = member
-
-    def on_step(self, step: int, result: StepResult) -> None:
-        event = WorkerStep(step, self.rank, self.world, self.model, result.loss, self.member)
-        for hook in self.hooks:
-            hook(event)
-
-
 class RayReport:
     """Reports every member's metrics to Ray Train in one report per reporting step, with one
     checkpoint holding every member (and, at the end, the files the driver uploads)."""
@@ -168,12 +136,13 @@ class RayReport:
         run_ids: Mapping[str, str],
         *,
         rank: int,
+        world: int,
         video_ids: Sequence[str],
         class_names: Sequence[str],
     ) -> None:
-        self.members, self.cfgs, self.run_ids, self.rank = members, cfgs, run_ids, rank
+        self.members, self.cfgs, self.run_ids = members, cfgs, run_ids
+        self.rank, self.world = rank, world
         self.video_ids, self.class_names = video_ids, class_names
-        self.world = 1
         self.validation_seconds = 0.0
 
     def timings(self, reports: Mapping[str, Report]) -> dict[str, float]:
@@ -221,6 +190,7 @@ class RayReport:
                 cfg=cfg,
                 run_id=self.run_ids[member.key],
                 metrics=report.metrics,
+                device=optimization.device,
             )
         if self.rank == 0 and report.last and report.validation is not None:
             self._write_final_files(cfg, model, report.validation, directory / FINAL_FILES)
@@ -245,11 +215,27 @@ class RayReport:
         torch.save(trainable_state(model), directory / names.ARTIFACT_WEIGHTS)
 
 
-def unwrap(net: nn.Module) -> nn.Module:
-    """The EVL model under its :class:`EVLForward` (and DDP) wrapper."""
-    if isinstance(net, nn.parallel.DistributedDataParallel):
-        net = net.module
-    return net.model
+def claim_device() -> torch.device:
+    """This worker's device, made the current CUDA device before anything touches CUDA (so
+    that ``all_gather_object``, RNG calls and new tensors use it, not ``cuda:0``)."""
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def create_members(
+    built: BuiltPack, cfgs: Mapping[str, ExperimentConfig], *, device: torch.device, world: int
+) -> list[Member]:
+    """One :class:`Member` per built model: its forward (DDP around its trainable part with
+    several workers, :func:`~evl_platform.train.step.create_forward`), its optimisation and
+    its RNG state."""
+    members = []
+    for key, model in built.models.items():
+        net = create_forward(model, device=device, distributed=world > 1)
+        optimization = Optimization.create(model, cfgs[key].train, device)
+        members.append(Member(key, net, optimization, rng=built.rngs.get(key)))
+    return members
 
 
 def _quiet_report_logs() -> None:
@@ -296,6 +282,7 @@ def _restore(
                     optimizer=optimization.optimizer,
                     scheduler=optimization.scheduler,
                     scaler=optimization.scaler,
+                    device=optimization.device,
                 )
     step = next(iter(states.values())).step if states else 0
     if rank == 0:
@@ -307,31 +294,20 @@ def _restore(
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. ``config``: ``members``, one ``{key, experiment, run_id}`` per
     model (``experiment`` the resolved config as a dict, ``run_id`` its MLflow run; one member
-    with key ``""`` for a run of its own, several for a pack), and ``worker_hooks``
-    (:data:`WorkerHook` functions, may be absent)."""
+    with key ``""`` for a run of its own, several for a pack)."""
     cfgs = {m["key"]: ExperimentConfig.model_validate(m["experiment"]) for m in config["members"]}
     run_ids = {m["key"]: m["run_id"] for m in config["members"]}
     lead = next(iter(cfgs.values()))
     _quiet_report_logs()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    device = claim_device()
     _match_threads_to_cpus()
     if lead.train.batch_size % world:
         raise ValueError(f"train.batch_size {lead.train.batch_size} is not divisible by {world}")
 
     built = build_pack(cfgs, device=device, rank=rank)
-    members = []
-    for key, model in built.models.items():
-        net: nn.Module = EVLForward(model)
-        if world > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
-        optimization = Optimization.create(model, cfgs[key].train, device)
-        hooks = Hooks(
-            config.get("worker_hooks") or (), rank=rank, world=world, model=model, member=key
-        )
-        members.append(Member(key, net, optimization, [hooks], rng=built.rngs.get(key)))
+    members = create_members(built, cfgs, device=device, world=world)
     step, states = _restore(members, cfgs, rank=rank)
     source, video_ids, class_names = create_source(
         lead,
@@ -350,9 +326,14 @@ def train_loop_per_worker(config: dict) -> None:
         progress = Progress(cfgs[member.key], rank=rank, start=step)
         member.callbacks = [progress, *member.callbacks]
     report = RayReport(
-        members, cfgs, run_ids, rank=rank, video_ids=video_ids, class_names=class_names
+        members,
+        cfgs,
+        run_ids,
+        rank=rank,
+        world=world,
+        video_ids=video_ids,
+        class_names=class_names,
     )
-    report.world = world
     fit_members(
         members,
         source,
