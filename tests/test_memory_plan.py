@@ -125,3 +125,22 @@ def test_a_launched_cluster_with_no_gpu_up_yet_runs_trials_side_by_side(
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "ray_bootstrap_config.yaml").write_text((ROOT / "cluster.yaml").read_text())
     assert default_concurrency(_plan(8, True)) == 4
+
+
+def test_peak_rss_reads_a_processs_high_water_mark() -> None:
+    """A process that touched 256 MiB and freed it reports that peak, not its RSS now."""
+    import subprocess
+    import sys
+
+    from evl_platform.bench.sweep import peak_rss
+
+    code = "import sys; b = b'x' * (256 << 20); del b; print('freed', flush=True); sys.stdin.read()"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "freed"
+        assert peak_rss(child.pid) >= 256 << 20
+    finally:
+        child.communicate("")
+    assert peak_rss(child.pid) == 0  # ended

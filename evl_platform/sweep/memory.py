@@ -5,7 +5,8 @@ One worker of a pack holds, at its peak (:func:`pack_memory_bytes`):
 - every member's training state: its trainable parameters, their gradients and AdamW's two
   moments, float32 (and DDP's gradient buckets with several workers);
 - the activations of one member's step only, the largest member's: members step one after
-  another, and each step's graph is freed before the next member's;
+  another, and each step's graph is freed before the next member's (in the features' dtype,
+  on the step's chunk of ``ceil(per-worker batch / train.batch_split)`` clips);
 - the shared backbone outputs kept for the batch: the blocks any member reads, in the dtype
   features are kept in (autocast's, else float32), and T-CA's maps for the blocks whose maps a
   member reads (float32: autocast runs the softmax in float32);
@@ -35,7 +36,7 @@ STATE_COPIES = 4
 """float32 copies of each trainable parameter: the weight, its gradient, AdamW's two moments."""
 
 LAYER_TENSORS = 6
-"""Feature-map-sized float32 tensors one decoder layer keeps for its backward pass without
+"""Feature-map-sized tensors one decoder layer keeps for its backward pass without
 temporal modules (the features it reads, their normalisation, the attention's inputs)."""
 
 MODULE_TENSORS = 2
@@ -133,7 +134,7 @@ def pack_memory_bytes(
     images = batch * frames
     return PackMemory(
         member_state=sum(s.trainable for s in shapes) * FLOAT32 * copies,
-        activations=max(_step_bytes(s, chunk * token_map) for s in shapes),
+        activations=max(_step_bytes(s, chunk * token_map, feature) for s in shapes),
         features=batch * token_map * feature * len(blocks)
         + batch * 2 * (frames - 1) * patches**2 * FLOAT32 * len(maps),
         backbone_pass=images * first.tokens * first.width * weight * BLOCK_TENSORS
@@ -144,11 +145,13 @@ def pack_memory_bytes(
     )
 
 
-def _step_bytes(shape: ModelShape, feature_map: int) -> int:
-    """One member's step: kept activations for ``feature_map`` elements per layer, and the
-    optimizer's temporaries (two float32 copies of its parameters, AdamW's foreach form)."""
+def _step_bytes(shape: ModelShape, feature_map: int, dtype_bytes: int) -> int:
+    """One member's step: kept activations for ``feature_map`` elements per layer (in the
+    features' dtype: autocast's, else float32), and the optimizer's temporaries (two float32
+    copies of its parameters, AdamW's foreach form)."""
     tensors = LAYER_TENSORS + MODULE_TENSORS * shape.temporal_modules
-    return feature_map * FLOAT32 * tensors * max(1, shape.layers) + 2 * shape.trainable * FLOAT32
+    kept = feature_map * dtype_bytes * tensors * max(1, shape.layers)
+    return kept + 2 * shape.trainable * FLOAT32
 
 
 def model_shape(cfg: ExperimentConfig) -> ModelShape:

@@ -81,7 +81,7 @@ def planned_worker_memory(*, use_gpu: bool, cpus_per_worker: float) -> tuple[int
 
     if torch.cuda.is_available():
         return device_memory(True), "this machine's GPU"
-    return UNKNOWN_GPU_MEMORY, "no GPU to measure: assumed (set sweep.pack_size)"
+    return UNKNOWN_GPU_MEMORY, "assumed, no GPU to measure: set sweep.pack_size"
 
 
 @dataclass(frozen=True)
