@@ -7,13 +7,16 @@ only gets the benchmark run). It also states the compute ratio the same packing 
 paper profile, from :func:`~evl_platform.models.info.model_info`'s counts as the code runs
 them (``gflops_per_view_run``): per training clip a pack runs the backbone once and each
 member's decoder forward and backward (taken as three forwards), one trial per variant runs
-both per variant.
+both per variant. Each sweep's memory plan is checked against what it used: every Tune trial's
+estimate (:func:`~evl_platform.sweep.packs.pack_memory_bytes`) next to the peak RSS of its
+train workers on this machine (:class:`TrainWorkerPeaks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from pathlib import Path
 from evl_platform.bench.data import machine_description
 from evl_platform.config import ExperimentConfig
 from evl_platform.runtime.session import ray_session
-from evl_platform.sweep.packs import pack_todo
+from evl_platform.sweep.packs import pack_memory_bytes, pack_todo
 from evl_platform.sweep.plan import SweepPlan
 from evl_platform.sweep.runner import SweepOptions, plan, plan_packing, run_sweep
 from evl_platform.sweep.runs import TrialTodo
@@ -43,6 +46,7 @@ class SweepTiming:
     runs: int
     breakdown: str
     table: str
+    memory: str = ""
 
 
 @dataclass
@@ -105,6 +109,8 @@ class SweepBench:
         )
         for t in self.timings:
             lines += ["", f"{t.mode}:", t.breakdown, t.table]
+            if t.memory:
+                lines.append(t.memory)
         return "\n".join(lines)
 
 
@@ -175,7 +181,8 @@ def bench_sweep(
                 pack=pack,
             )
             began = time.monotonic()
-            outcome = run_sweep(planned, run)
+            with TrainWorkerPeaks() as peaks:
+                outcome = run_sweep(planned, run)
             seconds = time.monotonic() - began
             if outcome.failed:
                 raise RuntimeError(f"bench sweep {mode}: trials failed: {outcome.failed}")
@@ -187,7 +194,97 @@ def bench_sweep(
                     len(outcome.trial_runs),
                     outcome.breakdown(),
                     outcome.table.terminal(),
+                    memory_report(planned, run, peaks.measured()),
                 )
             )
             print(f"bench sweep: {mode}: {seconds:.0f} s", flush=True)
     return result
+
+
+class TrainWorkerPeaks:
+    """Samples the peak resident memory (``VmHWM``) of the connected Ray cluster's train
+    worker processes that run on this machine, while in its ``with`` block.
+
+    Args:
+        every_s: seconds between samples (a worker's peak is read from the kernel, so a
+            sample between its peak and its exit suffices).
+    """
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self.peaks: dict[int, int] = {}  # pid -> bytes, in the order the workers appeared
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TrainWorkerPeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def measured(self) -> list[int]:
+        """Each train worker's peak RSS (bytes), in the order the workers started."""
+        return list(self.peaks.values())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self._sample()
+            except Exception:  # the state API may be briefly unavailable; sample again
+                continue
+
+    def _sample(self) -> None:
+        from ray.util.state import list_actors
+
+        actors = list_actors(
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+            raise_on_missing_output=False,
+        )
+        for actor in actors:
+            peak = peak_rss(actor.pid) if actor.pid else 0
+            if peak:
+                self.peaks[actor.pid] = max(peak, self.peaks.get(actor.pid, 0))
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory (bytes, ``VmHWM``); 0 if it is not on this machine
+    or has ended."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_report(planned: SweepPlan, options: SweepOptions, peaks: Sequence[int]) -> str:
+    """Each Tune trial's memory estimate (:func:`~evl_platform.sweep.packs.pack_memory_bytes`,
+    per worker) against the peak RSS measured of its train workers (in start order; with
+    several trials at once the order is only approximate)."""
+    spec = planned.ablation.spec
+    res = spec.resources
+    packing = plan_packing(planned, options)
+    gib = 1024**3
+    lines = ["memory: estimate per worker vs measured peak RSS of its train worker(s)"]
+    workers = iter(peaks)
+    for pack in packing.packs:
+        cfgs = [t.cfg for t in pack.trials]
+        label = f"pack of {len(cfgs)}" if pack.packed else "alone"
+        try:
+            estimate = pack_memory_bytes(
+                cfgs, num_workers=res.num_workers, device_type="cuda" if res.use_gpu else "cpu"
+            ).total
+        except ValueError:  # not an EVL model: no plan
+            estimate = 0
+        measured = [next(workers, 0) for _ in range(res.num_workers)]
+        peak = max(measured)
+        ratio = f"{estimate / peak:.2f}x" if peak and estimate else "n/a"
+        lines.append(
+            f"  {label} ({pack.trials[0].key} ...): estimate {estimate / gib:.2f} GiB, "
+            f"measured {peak / gib:.2f} GiB, estimate/measured {ratio}"
+        )
+    return "\n".join(lines)

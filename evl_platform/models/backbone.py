@@ -8,7 +8,7 @@ output (before ``ln_post``) and its attention queries and keys, computed once fr
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +108,11 @@ class BlockFeatures:
     attn: torch.Tensor | None = None
 
 
+BlockHook = Callable[[int, BlockFeatures], BlockFeatures]
+"""Called with a block's index and features as the backbone produces them; returns what to
+keep (see :meth:`ClipBackbone.forward_features`)."""
+
+
 class ClipBackbone(nn.Module):
     """A CLIP ViT image encoder, frozen or finetuned.
 
@@ -175,7 +180,12 @@ class ClipBackbone(nn.Module):
         return super().train(mode and self.trainable)
 
     def forward_features(
-        self, images: torch.Tensor, layers: Sequence[int], *, with_qk: bool = False
+        self,
+        images: torch.Tensor,
+        layers: Sequence[int],
+        *,
+        with_qk: bool = False,
+        on_block: BlockHook | None = None,
     ) -> dict[int, BlockFeatures]:
         """Runs the encoder up to the deepest requested block.
 
@@ -184,9 +194,14 @@ class ClipBackbone(nn.Module):
                 normalised float images.
             layers: non-negative block indices to return.
             with_qk: also return each requested block's attention queries and keys.
+            on_block: called with each requested block's index and features as soon as the
+                block has run, before the next one starts; what it returns is kept in their
+                place (so a caller can turn queries and keys into something smaller while at
+                most one block's are alive).
 
         Returns:
-            Block index -> :class:`BlockFeatures`, in the backbone's dtype.
+            Block index -> :class:`BlockFeatures` (or what ``on_block`` made of them), in the
+            backbone's dtype.
         """
         wanted = set(layers)
         found: dict[int, BlockFeatures] = {}
@@ -199,7 +214,10 @@ class ClipBackbone(nn.Module):
                     break
                 x, q, k = _block_forward(block, x, training=self.training)
                 if index in wanted:
-                    found[index] = BlockFeatures(x, q, k) if with_qk else BlockFeatures(x)
+                    features = BlockFeatures(x, q, k) if with_qk else BlockFeatures(x)
+                    found[index] = features if on_block is None else on_block(index, features)
+                    del features
+                del q, k  # not alive while the next block runs
         return found
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from evl_platform.config.schema import DecoderConfig, ExperimentConfig, ModelArch
-from evl_platform.models.backbone import BlockFeatures, ClipBackbone, create_backbone
+from evl_platform.models.backbone import BlockFeatures, BlockHook, ClipBackbone, create_backbone
 from evl_platform.models.cnn3d import Cnn3d, create_cnn3d
 from evl_platform.models.decoder import FEATURE_SHAPES, DecoderBlock, EVLDecoder, EVLDecoderLayer
 from evl_platform.models.temporal import TemporalGeometry, create_temporal_modules
@@ -66,8 +66,8 @@ class EVL(nn.Module):
             video: (N, 3, T, H, W) clips, uint8 or normalised float.
 
         Returns:
-            One float32 :class:`BlockFeatures` per decoder layer, ``out`` (N, T, L, C) and, when
-            T-CA is used, ``q``/``k`` (N, T, L, heads, head_dim).
+            One :class:`BlockFeatures` per decoder layer, in :func:`feature_dtype`: ``out``
+            (N, T, L, C) and, when T-CA is used, ``q``/``k`` (N, T, L, heads, head_dim).
         """
         blocks = extract_blocks(
             self.backbone, video, self.feature_layers, with_qk=self.decoder.uses_qk
@@ -103,21 +103,41 @@ class EVL(nn.Module):
 
 
 def extract_blocks(
-    backbone: ClipBackbone, video: torch.Tensor, layers: Sequence[int], *, with_qk: bool
+    backbone: ClipBackbone,
+    video: torch.Tensor,
+    layers: Sequence[int],
+    *,
+    with_qk: bool,
+    on_block: BlockHook | None = None,
 ) -> dict[int, BlockFeatures]:
-    """Block index -> float32 features of ``video`` (N, 3, T, H, W) for every block in
-    ``layers``: ``out`` (N, T, L, C) and, with ``with_qk``, ``q``/``k`` (N, T, L, heads,
-    head_dim). One backbone pass serves every decoder that reads any of these blocks."""
+    """Block index -> features of ``video`` (N, 3, T, H, W) for every block in ``layers``:
+    ``out`` (N, T, L, C) and, with ``with_qk``, ``q``/``k`` (N, T, L, heads, head_dim), in
+    :func:`feature_dtype`. One backbone pass serves every decoder that reads any of these
+    blocks. ``on_block`` (see :meth:`ClipBackbone.forward_features`) gets each block's
+    features in this form as soon as the block has run."""
     n, _, t = video.shape[:3]
     frames = video.transpose(1, 2).flatten(0, 1)  # (N*T, 3, H, W)
-    found = backbone.forward_features(frames, sorted(set(layers)), with_qk=with_qk)
+    dtype = feature_dtype(video.device)
 
     def unflatten(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else x.float().unflatten(0, (n, t))
+        return None if x is None else x.to(dtype).unflatten(0, (n, t))
 
-    return {
-        i: BlockFeatures(unflatten(f.out), unflatten(f.q), unflatten(f.k)) for i, f in found.items()
-    }
+    def keep(index: int, f: BlockFeatures) -> BlockFeatures:
+        block = BlockFeatures(unflatten(f.out), unflatten(f.q), unflatten(f.k))
+        return block if on_block is None else on_block(index, block)
+
+    return backbone.forward_features(frames, sorted(set(layers)), with_qk=with_qk, on_block=keep)
+
+
+def feature_dtype(device: torch.device) -> torch.dtype:
+    """The dtype backbone features are kept in on ``device``: autocast's dtype while autocast
+    is on there (a float16/bfloat16 backbone's features stay half size; a float32 backbone's
+    are cast down once, as the decoder's autocast would cast them), float32 otherwise (what
+    the decoder's own float32 parameters take)."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return torch.float32
 
 
 def feature_block_indices(cfg: DecoderConfig, num_blocks: int) -> tuple[int, ...]:

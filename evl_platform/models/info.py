@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
+
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from evl_platform.config.schema import ExperimentConfig
@@ -21,22 +25,31 @@ def count_gmacs(model: EVL | Cnn3d, *, num_frames: int, plain_attention: bool = 
     FLOPs per MAC, hence the halving. With ``plain_attention`` the decoder's attention is
     counted in its plain form (keys and values projected for every token, as the paper counts
     it); without, in the cheaper query-side form that training and inference run
-    (:class:`.DecoderAttention`).
+    (:class:`.DecoderAttention`). Counted on a :func:`meta_copy`: ``model`` itself (its mode,
+    its attention's form, its image counter) is left as it is.
     """
-    height, width = model.image_size
-    device = next(model.parameters()).device
-    video = torch.zeros(1, 3, num_frames, height, width, device=device)
-    model.eval()
-    attention = [m for m in model.modules() if isinstance(m, DecoderAttention)]
-    try:
-        for module in attention:
+    counted = meta_copy(model).eval()
+    height, width = counted.image_size
+    video = torch.zeros(1, 3, num_frames, height, width, device="meta")
+    for module in counted.modules():
+        if isinstance(module, DecoderAttention):
             module.query_side = not plain_attention
-        with FlopCounterMode(display=False) as counter:  # forward only: no backward is run
-            model(video)
-    finally:
-        for module in attention:
-            del module.query_side  # back to the class's default
+    with FlopCounterMode(display=False) as counter:  # forward only: no backward is run
+        counted(video)
     return counter.get_total_flops() / 2 / 1e9
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the meta device (no memory,
+    no data), for counting its operations without touching the model itself (its mode, its
+    attributes, its image counter)."""
+    memo: dict[int, object] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = meta
+    return copy.deepcopy(model, memo)
 
 
 def model_info(cfg: ExperimentConfig) -> dict[str, object]:
@@ -118,8 +131,7 @@ def _backbone_gmacs(model: EVL, num_frames: int) -> float:
     from evl_platform.models.evl import extract_blocks
 
     height, width = model.image_size
-    device = next(model.parameters()).device
-    video = torch.zeros(1, 3, num_frames, height, width, device=device)
+    video = torch.zeros(1, 3, num_frames, height, width, device="meta")
     with FlopCounterMode(display=False) as counter:
-        extract_blocks(model.backbone, video, model.feature_layers, with_qk=False)
+        extract_blocks(meta_copy(model.backbone), video, model.feature_layers, with_qk=False)
     return counter.get_total_flops() / 2 / 1e9

@@ -6,7 +6,8 @@ every config field except the decoder's, the head's, their optimisation and the 
 :func:`~evl_platform.train.pack.pack_differences`) form a pack: one Tune trial, one
 ``TorchTrainer``, the frozen backbone run once per batch for all of them
 (:func:`~evl_platform.train.launcher.train_pack`). A pack holds at most ``sweep.pack_size``
-members (default: what one worker's memory is estimated to fit). A finetuned backbone or a
+members (default: as many as one worker's memory fits by the pack's memory plan,
+:func:`~evl_platform.sweep.memory.pack_memory_bytes`). A finetuned backbone or a
 3D CNN trains alone, and so does every trial with ``--no-pack``. A search sweep (Optuna/ASHA)
 keeps one trial per sample: its samples are drawn one after another from the results of the
 ones before, and ASHA stops them at different steps, so they do not share a schedule.
@@ -15,29 +16,23 @@ ones before, and ASHA stops them at different steps, so they do not share a sche
 from __future__ import annotations
 
 import datetime
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from evl_platform.config import ExperimentConfig
+from evl_platform.sweep.memory import PackMemory, pack_memory_bytes
 from evl_platform.sweep.plan import Trial
 from evl_platform.sweep.runs import TrialTodo
 from evl_platform.train.pack import pack_blocker, pack_differences
 
-MEMORY_SHARE = 0.5
-"""Share of one worker's memory the members' training state may fill (the rest: the backbone,
-the loader, the batch)."""
+MEMORY_SHARE = 0.9
+"""Share of one worker's memory a pack's estimate (:func:`pack_memory_bytes`) may fill; the
+rest is headroom for the allocator's fragmentation and the loader's pinned batches."""
 
-ACTIVATIONS_PER_LAYER = 8
-"""Feature-map-sized tensors one decoder layer keeps for its backward pass (estimate)."""
-
-CPU_WORKER_MEMORY = 4 * 1024**3
-"""A CPU worker's memory when the system cannot tell the driver's free memory (bytes);
-otherwise the free memory, up to four times this."""
-
-GPU_WORKER_MEMORY = 32 * 1024**3
-"""A GPU worker's memory when the driver has no GPU to ask, as on a cluster's CPU head node
-(bytes; set ``sweep.pack_size`` for smaller GPUs)."""
+UNKNOWN_GPU_MEMORY = 16 * 1024**3
+"""A GPU worker's memory when neither a worker, nor the cluster's node types, nor this
+machine can tell (bytes): the smallest GPU of :data:`~evl_platform.runtime.capacity.
+ACCELERATOR_MEMORY`, so packs stay small rather than run out of memory (set
+``sweep.pack_size`` to choose)."""
 
 
 @dataclass(frozen=True)
@@ -64,39 +59,29 @@ class PackTodo:
         return f"pack of {len(self.trials)} ({self.trials[0].key} ...)"
 
 
-def member_bytes(cfg: ExperimentConfig, *, num_workers: int) -> int:
-    """Estimated memory of one member's training state on one worker: its new parameters with
-    their gradients and two Adam moments (float32), and the decoder's activations kept for
-    the backward pass (about :data:`ACTIVATIONS_PER_LAYER` float32 tensors of the feature
-    map's size per decoder layer, for the worker's share of a batch chunk)."""
-    from evl_platform.models.info import model_info
+def planned_worker_memory(*, use_gpu: bool, cpus_per_worker: float) -> tuple[int, str]:
+    """The memory (bytes) one trial worker will have, and where the figure comes from.
 
-    info = model_info(cfg)
-    params = int(info["new_params"])  # type: ignore[call-overload]
-    clips = max(1, cfg.train.batch_size // num_workers // cfg.train.batch_split)
-    feature_map = cfg.data.num_frames * int(info["tokens_per_frame"]) * int(info["backbone_width"])  # type: ignore[call-overload]
-    layers = max(1, cfg.model.decoder.num_layers)
-    return params * 4 * 4 + clips * feature_map * 4 * ACTIVATIONS_PER_LAYER * layers
+    Attached to Ray: measured on a worker when one is free, else the cluster's node types
+    (:func:`~evl_platform.runtime.capacity.worker_memory`). Otherwise (or when those cannot
+    tell) this machine's: its GPU's memory, :data:`UNKNOWN_GPU_MEMORY` without one, or its
+    available memory for CPU trials.
+    """
+    import ray
 
+    from evl_platform.runtime.capacity import device_memory, host_memory, worker_memory
 
-def auto_pack_size(cfg: ExperimentConfig, *, use_gpu: bool, num_workers: int) -> int:
-    """How many members fit :data:`MEMORY_SHARE` of one worker's memory, at least 1."""
-    per_member = member_bytes(cfg, num_workers=num_workers)
-    return max(1, int(_worker_memory(use_gpu) * MEMORY_SHARE // per_member))
+    if ray.is_initialized():
+        found, source = worker_memory(use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
+        if found:
+            return found, source
+    if not use_gpu:
+        return host_memory(), "this machine's available memory"
+    import torch
 
-
-def _worker_memory(use_gpu: bool) -> int:
-    if use_gpu:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_properties(0).total_memory
-        return GPU_WORKER_MEMORY
-    try:  # Linux; elsewhere the fixed estimate
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return CPU_WORKER_MEMORY
-    return min(free, 4 * CPU_WORKER_MEMORY)
+    if torch.cuda.is_available():
+        return device_memory(True), "this machine's GPU"
+    return UNKNOWN_GPU_MEMORY, "assumed, no GPU to measure: set sweep.pack_size"
 
 
 @dataclass(frozen=True)
@@ -105,6 +90,8 @@ class Packing:
 
     packs: tuple[PackTodo, ...]
     reasons: tuple[str, ...]
+    memory: str = ""
+    """The memory plan: each pack's estimate against a worker's memory (automatic sizing)."""
 
 
 def pack_todo(
@@ -114,6 +101,8 @@ def pack_todo(
     pack_size: int | None,
     use_gpu: bool,
     num_workers: int,
+    cpus_per_worker: float = 1.0,
+    memory: int | None = None,
     stamp: str | None = None,
 ) -> Packing:
     """Groups the trials still to run into Tune trials.
@@ -121,13 +110,17 @@ def pack_todo(
     Trials continuing a pack stay in it (whatever ``enabled`` says: their checkpoint holds the
     pack); a trial continuing a run of its own stays alone; new trials are packed greedily in
     table order with the first open pack whose members they match, up to ``pack_size``
-    (default :func:`auto_pack_size`). ``stamp`` makes new packs' names unique (default: now).
+    members, or (no ``pack_size``) while the pack's :func:`pack_memory_bytes` with the trial
+    added fits :data:`MEMORY_SHARE` of a worker's ``memory`` (bytes; default
+    :func:`planned_worker_memory`). ``stamp`` makes new packs' names unique (default: now).
     """
     stamp = stamp or datetime.datetime.now().strftime("%H%M%S")
     resumed: dict[str, list[TrialTodo]] = {}
     packs: list[PackTodo] = []
     groups: list[list[Trial]] = []
     reasons: list[str] = []
+    device_type = "cuda" if use_gpu else "cpu"
+    budget = _Budget(pack_size, memory, use_gpu, cpus_per_worker, num_workers, device_type)
     for item in todo:
         if item.packed and item.resume_run:
             resumed.setdefault(item.resume_run, []).append(item)
@@ -137,7 +130,7 @@ def pack_todo(
             reasons.append(f"{item.trial.key} trains alone: {blocker}")
             packs.append(PackTodo((item.trial,), False))
         else:
-            _place(item.trial, groups, reasons, pack_size, use_gpu, num_workers)
+            _place(item.trial, groups, reasons, budget)
     for name, items in resumed.items():
         packs.append(PackTodo(tuple(i.trial for i in items), True, name, name))
     for index, group in enumerate(groups):
@@ -145,24 +138,61 @@ def pack_todo(
         packs.append(
             PackTodo(tuple(group), packed, None, f"pack{index}-{stamp}" if packed else None)
         )
-    return Packing(tuple(packs), tuple(reasons))
+    return Packing(tuple(packs), tuple(reasons), budget.plan(groups))
 
 
-def _place(
-    trial: Trial,
-    groups: list[list[Trial]],
-    reasons: list[str],
-    pack_size: int | None,
-    use_gpu: bool,
-    num_workers: int,
-) -> None:
+@dataclass
+class _Budget:
+    """Whether a group of trials may grow: by count (``sweep.pack_size``) or by memory."""
+
+    pack_size: int | None
+    memory: int | None
+    use_gpu: bool
+    cpus_per_worker: float
+    num_workers: int
+    device_type: str
+    source: str = "given"
+
+    def worker_memory(self) -> int:
+        if self.memory is None:
+            self.memory, self.source = planned_worker_memory(
+                use_gpu=self.use_gpu, cpus_per_worker=self.cpus_per_worker
+            )
+        return self.memory
+
+    def estimate(self, trials: Sequence[Trial]) -> PackMemory:
+        return pack_memory_bytes(
+            [t.cfg for t in trials], num_workers=self.num_workers, device_type=self.device_type
+        )
+
+    def fits(self, group: Sequence[Trial], trial: Trial) -> bool:
+        if self.pack_size is not None:
+            return len(group) < self.pack_size
+        return self.estimate([*group, trial]).total <= self.worker_memory() * MEMORY_SHARE
+
+    def plan(self, groups: Sequence[Sequence[Trial]]) -> str:
+        """What the packing printed about memory: each pack's estimate and the budget."""
+        if self.pack_size is not None or not any(len(g) > 1 for g in groups):
+            return ""
+        gib = 1024**3
+        lines = [
+            f"memory plan: {self.worker_memory() / gib:.1f} GiB per worker ({self.source}), "
+            f"a pack's estimate may fill {MEMORY_SHARE:.0%}"
+        ]
+        for group in groups:
+            if len(group) > 1:
+                estimate = self.estimate(group)
+                lines.append(f"  pack of {len(group)} ({group[0].key} ...): {estimate.render()}")
+        return "\n".join(lines)
+
+
+def _place(trial: Trial, groups: list[list[Trial]], reasons: list[str], budget: _Budget) -> None:
     """Puts ``trial`` into the first group it matches that has room, else a new group."""
     full = None
     for group in groups:
         if pack_differences(group[0].cfg, trial.cfg):
             continue
-        size = pack_size or auto_pack_size(group[0].cfg, use_gpu=use_gpu, num_workers=num_workers)
-        if len(group) < size:
+        if budget.fits(group, trial):
             group.append(trial)
             return
         full = group
@@ -177,10 +207,13 @@ def _place(
 
 
 def packing_table(packing: Packing) -> str:
-    """What ``--dry-run`` prints about packing: each Tune trial's members, and the reasons."""
+    """What ``--dry-run`` prints about packing: each Tune trial's members, the reasons, and
+    the memory plan."""
     lines = [f"{len(packing.packs)} Tune trials:"]
     for index, pack in enumerate(packing.packs):
         kind = f"pack of {len(pack.trials)}" if pack.packed else "alone"
         lines.append(f"  [{index}] {kind}: {', '.join(t.key for t in pack.trials)}")
     lines.extend(f"  note: {reason}" for reason in packing.reasons)
+    if packing.memory:
+        lines.append(packing.memory)
     return "\n".join(lines)

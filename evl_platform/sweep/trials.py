@@ -7,16 +7,17 @@ function trainable (:func:`run_trial`) that launches the trial's ``TorchTrainer`
 :func:`~evl_platform.train.launcher.train_pack`, see :mod:`evl_platform.sweep.packs`) and
 forwards its reports to Tune with ``TuneReportCallback``. The trial receives its resolved
 config as plain data (planned on the driver, see :mod:`evl_platform.sweep.plan`) and
-validates it once; it reads no file. The trial actor itself reserves no CPU;
-``--max-concurrent`` (default: as many trials as the cluster has
-worker slots) bounds how many TorchTrainers run at once.
+validates it once; it reads no file. The trial actor itself reserves no CPU (a CPU pack's
+actor reserves the pack's estimated memory, :func:`trial_memory`); ``--max-concurrent``
+(default: as many trials as the cluster has worker slots once its autoscaler has grown it,
+:func:`default_concurrency`) bounds how many TorchTrainers run at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from evl_platform.config import apply_overrides
@@ -50,15 +51,54 @@ def sweep_context(
     }
 
 
-def default_concurrency(plan: SweepPlan) -> int:
-    """Trials that fit the cluster at once: its CPUs (or GPUs) over one trial's needs."""
+def default_concurrency(plan: SweepPlan, resources: Mapping[str, float] | None = None) -> int:
+    """Trials that fit the cluster at once: its GPUs (or CPUs) over one trial's needs.
+
+    Args:
+        plan: the sweep (its trials' resources).
+        resources: the cluster's resources (default: what the connected cluster can grow to,
+            :func:`~evl_platform.runtime.capacity.cluster_max_resources`: on a cluster whose
+            autoscaler starts GPU workers on demand, its GPUs now may be none).
+    """
+    if resources is None:
+        from evl_platform.runtime.capacity import cluster_max_resources
+
+        resources = cluster_max_resources()
+    res = plan.ablation.spec.resources
+    if res.use_gpu:
+        return max(1, int(resources.get("GPU", 0) // res.num_workers))
+    return max(1, int(resources.get("CPU", 1) // (res.num_workers * res.cpus_per_worker)))
+
+
+def trial_memory(item: PackTodo, *, use_gpu: bool, num_workers: int) -> int:
+    """Ray ``memory`` (bytes) a Tune trial's actor reserves: a CPU pack's estimated memory
+    over all its workers (:func:`~evl_platform.sweep.memory.pack_memory_bytes`), so that Ray
+    starts no two packs that cannot both fit; otherwise :data:`TRIAL_ACTOR_MEMORY`.
+
+    Capped at the largest node's ``memory`` resource (a pack larger than any node still
+    runs, alone). The reservation is taken on the node the trial actor runs on, which is
+    the workers' node on one machine.
+    """
+    if use_gpu or not item.packed:
+        return TRIAL_ACTOR_MEMORY
     import ray
 
-    res = plan.ablation.spec.resources
-    available = ray.cluster_resources()
-    if res.use_gpu:
-        return max(1, int(available.get("GPU", 0) // res.num_workers))
-    return max(1, int(available.get("CPU", 1) // (res.num_workers * res.cpus_per_worker)))
+    from evl_platform.sweep.memory import pack_memory_bytes
+
+    cfgs = [t.cfg for t in item.trials]
+    estimate = pack_memory_bytes(cfgs, num_workers=num_workers, device_type="cpu").total
+    largest = max(
+        (n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0
+    )
+    return int(max(TRIAL_ACTOR_MEMORY, min(estimate * num_workers, largest)))
+
+
+def trial_resources(config: dict[str, Any]) -> Any:
+    """The placement group of a Tune trial's actor: no CPU, its config's ``memory``."""
+    from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
+
+    memory = grid_entry(config).get("memory", TRIAL_ACTOR_MEMORY)
+    return resource_dict_to_pg_factory({"memory": memory})
 
 
 def trial_tags(trial: Trial, sweep: dict[str, Any]) -> dict[str, str]:
@@ -171,11 +211,20 @@ def _run_pack(trials: list[Trial], config: dict[str, Any], options: Any) -> dict
     return result | next(iter(outcomes.values())).timings
 
 
-def grid_configs(todo: Sequence[PackTodo], context: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each Tune trial's config: one trial's, or a pack's."""
+def grid_configs(
+    todo: Sequence[PackTodo], context: dict[str, Any], memory: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
+    """Each Tune trial's config: one trial's, or a pack's, with the Ray ``memory`` its actor
+    reserves (``memory``, one per Tune trial; default :data:`TRIAL_ACTOR_MEMORY`)."""
     configs = []
-    for item in todo:
-        common = {"sweep": context, "resume_run": item.resume_run, "run_name": item.run_name}
+    reserve = memory or [TRIAL_ACTOR_MEMORY] * len(todo)
+    for item, reserved in zip(todo, reserve, strict=True):
+        common = {
+            "sweep": context,
+            "resume_run": item.resume_run,
+            "run_name": item.run_name,
+            "memory": reserved,
+        }
         if item.packed:
             configs.append({"pack": [t.to_dict() for t in item.trials], **common})
         else:
@@ -201,6 +250,8 @@ def run_grid(
     from ray import tune
 
     concurrent = max_concurrent or default_concurrency(plan)
+    res = plan.ablation.spec.resources
+    memory = [trial_memory(t, use_gpu=res.use_gpu, num_workers=res.num_workers) for t in todo]
     progress = TrialProgress(
         total=sum(len(t.trials) for t in todo) + finished_before,
         finished=finished_before,
@@ -210,8 +261,8 @@ def run_grid(
     shown = f" ({packs} packs)" if packs else ""
     print(f"running {len(todo)} Tune trials{shown}, {concurrent} at a time", flush=True)
     tuner = tune.Tuner(
-        tune.with_resources(run_trial, {"memory": TRIAL_ACTOR_MEMORY}),
-        param_space={"entry": tune.grid_search(grid_configs(todo, context))},
+        tune.with_resources(run_trial, trial_resources),
+        param_space={"entry": tune.grid_search(grid_configs(todo, context, memory))},
         # A finished trial's actor runs the next one: its process, imports and MLflow store
         # carry over (each trial's TorchTrainer has ended, unlike an early-stopped search
         # sample's, see search.py).

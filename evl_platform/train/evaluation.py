@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,10 +75,13 @@ def evaluate(
     *,
     device: torch.device,
     amp: torch.dtype | None,
+    batch_split: int = 1,
 ) -> EvalResult:
     """Multi-view evaluation: every view of a video is classified and the softmax
-    probabilities are averaged over views (paper: 3 temporal x 1 spatial)."""
-    return evaluate_members({"": model}, batches, device=device, amp=amp)[""]
+    probabilities are averaged over views (paper: 3 temporal x 1 spatial); see
+    :func:`evaluate_members` for ``batch_split``."""
+    found = evaluate_members({"": model}, batches, device=device, amp=amp, batch_split=batch_split)
+    return found[""]
 
 
 def evaluate_members(
@@ -88,10 +92,16 @@ def evaluate_members(
     amp: torch.dtype | None,
     shared: Callable[[Inputs], Any] | None = None,
     select: Mapping[str, Callable[[Any], Inputs]] | None = None,
+    batch_split: int = 1,
 ) -> dict[str, EvalResult]:
     """:func:`evaluate` of several models on one pass over the batches: each batch is read
     (and, with ``shared``, run through the shared frozen backbone) once, and each model
-    classifies ``select[key]`` of it."""
+    classifies ``select[key]`` of it.
+
+    A batch of N videos with V views each is N x V clips; they go through the backbone and
+    the models in chunks of at most ``ceil(N / batch_split)`` clips (:func:`eval_chunk`), as
+    many as a training step's chunk, never all N x V at once. Scores do not depend on it.
+    """
     for model in models.values():
         model.eval()
     start = time.perf_counter()
@@ -102,14 +112,21 @@ def evaluate_members(
             inputs = to_device(batch.inputs, device)
             n, views = len(batch), _num_views(inputs)
             flat = map_inputs(inputs, lambda x: x.flatten(0, 1))  # (N * V, ...)
-            with autocast(device, amp):
-                common = flat if shared is None else shared(flat)
-                for key, model in models.items():
-                    own = common if select is None else select[key](common)
-                    logits = model(own).float()
-                    probs[key].append(
-                        logits.softmax(-1).unflatten(0, (n, views)).mean(1).cpu().numpy()
-                    )
+            chunk = eval_chunk(n, batch_split)
+            parts: dict[str, list[torch.Tensor]] = {key: [] for key in models}
+            for begin in range(0, n * views, chunk):
+                piece = map_inputs(
+                    flat, lambda x, b=begin, e=begin + chunk: x[b:e]
+                )  # (<= chunk, ...)
+                with autocast(device, amp):
+                    common = piece if shared is None else shared(piece)
+                    for key, model in models.items():
+                        own = common if select is None else select[key](common)
+                        parts[key].append(model(own).float().softmax(-1))  # (<= chunk, classes)
+                del common, piece
+            for key, chunks in parts.items():
+                scores = torch.cat(chunks).unflatten(0, (n, views)).mean(1)  # (N, classes)
+                probs[key].append(scores.cpu().numpy())
             labels.append(batch.labels.numpy())
             indices.append(batch.indices.numpy())
     seconds = time.perf_counter() - start
@@ -122,6 +139,12 @@ def evaluate_members(
         )
         for key, parts in probs.items()
     }
+
+
+def eval_chunk(clips: int, batch_split: int) -> int:
+    """Clip-views per backbone (and model) pass when evaluating a batch of ``clips`` videos:
+    a training step's chunk, ``ceil(clips / batch_split)``."""
+    return max(1, math.ceil(clips / batch_split))
 
 
 def _num_views(inputs: Inputs) -> int:

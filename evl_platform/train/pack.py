@@ -7,7 +7,8 @@ RNG draws), and keeps each member's RNG state for its dropout draws. Per batch,
 :class:`SharedBackbone` runs the frozen backbone once up to the deepest block any member
 reads and keeps the union of what they read: block outputs and, for T-CA, the attention maps
 between adjacent frames, computed once from the backbone's queries and keys for every member
-that reads them (as the feature cache stores them); on the feature cache, the source reads
+that reads them (as the feature cache stores them), block by block as the backbone produces
+them; on the feature cache, the source reads
 that union instead. Each member then selects its own blocks
 (:meth:`~evl_platform.models.EVL.select_features`) and takes its step.
 """
@@ -68,12 +69,22 @@ class SharedBackbone:
         if not isinstance(inputs, torch.Tensor):
             return inputs  # the cache's union of blocks
         with torch.no_grad(), autocast(self.device, self.amp):
-            found = extract_blocks(self.backbone, inputs, self.blocks, with_qk=bool(self.maps))
-            for index in self.maps:
-                block = found[index]
-                assert block.q is not None and block.k is not None
-                found[index] = BlockFeatures(block.out, attn=adjacent_attention(block.q, block.k))
-            return found
+            return extract_blocks(
+                self.backbone,
+                inputs,
+                self.blocks,
+                with_qk=bool(self.maps),
+                on_block=self.keep,
+            )
+
+    def keep(self, index: int, block: BlockFeatures) -> BlockFeatures:
+        """What the pack keeps of a block as the backbone produces it: its output, and for a
+        block in :attr:`maps` its T-CA maps in place of its queries and keys (so at most one
+        block's queries and keys are alive during the pass)."""
+        if index not in self.maps:
+            return BlockFeatures(block.out)
+        assert block.q is not None and block.k is not None
+        return BlockFeatures(block.out, attn=adjacent_attention(block.q, block.k))
 
 
 @dataclass
