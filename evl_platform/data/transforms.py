@@ -9,8 +9,8 @@ Work happens on uint8 (T, C, H, W) tensors with one torch thread (loader workers
 parallelism). RandAugment runs after the crop, at the model's input size, which costs a
 fraction of augmenting the full frames as the official code does. The operations and their
 magnitudes follow timm's ``rand-m{M}-n{N}-mstd0.5-inc1``, the policy of the video recipes the
-paper builds on: magnitude out of 10 with a per-op jitter of std 0.5, "increasing" variants of
-the ops, each op applied with probability 0.5.
+paper builds on: N ops drawn uniformly with replacement, magnitude out of 10 with a per-op
+jitter of std 0.5, "increasing" variants of the ops, each op applied with probability 0.5.
 
 The ops are written for speed on small clips (numpy views of the tensors, whose uint8 and
 float32 kernels beat torch's at this size): geometric ops are one nearest-neighbour gather
@@ -246,9 +246,13 @@ def parse_rand_augment(spec: str) -> tuple[int, int]:
 def rand_augment(
     clip: torch.Tensor, *, magnitude: int, num_ops: int, rng: np.random.Generator
 ) -> torch.Tensor:
-    """Applies ``num_ops`` distinct random ops, each with probability 0.5, to all frames."""
+    """Applies ``num_ops`` random ops, each with probability 0.5, to all frames.
+
+    The ops are drawn uniformly *with* replacement (one op may come twice), as timm's
+    ``RandAugment`` and the official EVL code (``video_dataset/rand_augment.py``) draw them.
+    """
     names = list(RAND_AUGMENT_OPS)
-    for index in rng.permutation(len(names))[:num_ops]:  # distinct ops, in random order
+    for index in rng.integers(len(names), size=num_ops):
         if rng.random() < 0.5:
             clip = _contiguous(clip)  # the ops are fastest on (T, C, H, W) memory
             level = min(max(float(rng.normal(magnitude, MAGNITUDE_STD)), 0.0), 10.0) / 10
