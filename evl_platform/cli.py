@@ -24,8 +24,20 @@ from evl_platform.inference import cli as inference_cli
 from evl_platform.inference.errors import InferenceError
 from evl_platform.report import cli as report_cli
 from evl_platform.runtime.cluster import SharedStorageError
+from evl_platform.runtime.session import EXIT_TERMINATED, Terminated, received_sigterm
 from evl_platform.sweep.spec import AblationError
 from evl_platform.train.errors import ResumeError
+
+TRAIN_STOPPED = (
+    "the run is marked KILLED and its checkpoints are kept: "
+    "the same command with --resume continues it"
+)
+SWEEP_STOPPED = (
+    "unfinished trials are marked KILLED and their checkpoints are kept: "
+    "the same command with --resume finishes the sweep"
+)
+EXIT_INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT); SIGTERM gives :data:`EXIT_TERMINATED` (143)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +85,8 @@ def _add_sweep_command(commands: argparse._SubParsersAction) -> None:
         "features are extracted once and shared by every trial. Variants of a grid that "
         "differ only in their decoder, head or its optimisation train as packs: one Tune trial "
         "and one backbone pass per batch for the whole pack, each variant still its own run "
-        "(--no-pack: one trial each). After Ctrl-C or a killed driver, --resume finishes the "
+        "(--no-pack: one trial each). After Ctrl-C, SIGTERM (exit 130 and 143: unfinished runs "
+        "marked KILLED) or a killed driver, --resume finishes the "
         "sweep without rerunning finished trials. The sweep ends with where its time went.",
     )
     add_ablation_arguments(sweep)
@@ -101,7 +114,7 @@ def _add_sweep_command(commands: argparse._SubParsersAction) -> None:
         "trained on one frozen-backbone pass (the ablation file's sweep.pack_size)",
     )
     add_cluster_arguments(sweep)
-    sweep.set_defaults(handler=_sweep)
+    sweep.set_defaults(handler=_sweep, stopped=SWEEP_STOPPED)
 
 
 def _add_train_command(commands: argparse._SubParsersAction) -> None:
@@ -114,7 +127,8 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
         "the trained weights go to one MLflow run (default store: ./mlflow.db; browse with "
         "`mlflow ui --backend-store-uri sqlite:///mlflow.db`). Checkpoints go to "
         "--storage-path; a failed worker restarts from the last one, and --resume continues "
-        "a run whose driver died, into the same MLflow run. With features.reuse (the local "
+        "a run whose driver died or was stopped (Ctrl-C: exit 130, SIGTERM: exit 143, the run "
+        "marked KILLED), into the same MLflow run. With features.reuse (the local "
         "profile's default) the frozen backbone's features are extracted once into the "
         "cache and reused by later runs.",
     )
@@ -144,7 +158,7 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
         help="continue the newest run of this experiment (or the named run) from its last "
         "checkpoint, into the same MLflow run",
     )
-    train.set_defaults(handler=_train)
+    train.set_defaults(handler=_train, stopped=TRAIN_STOPPED)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -282,6 +296,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConnectionError as err:  # --address / $RAY_ADDRESS names no reachable cluster
         print(f"error: cannot connect: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM inside a Ray session
+        return _stopped(args, terminated=isinstance(err, Terminated) or received_sigterm())
+
+
+def _stopped(args: argparse.Namespace, *, terminated: bool) -> int:
+    """One line on what a stopped command left behind; the exit status of the signal."""
+    how = "SIGTERM" if terminated else "Ctrl-C"
+    left = getattr(args, "stopped", None)
+    print(f"stopped by {how}" + (f": {left}" if left else ""), file=sys.stderr, flush=True)
+    return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def find_chromium() -> str:
     if path is None:
         raise ChromiumNotFoundError(
             "chromium not found on PATH: install the Debian package with "
-            "`apt-get install -y --no-install-recommends chromium` (.ci/run does this)"
+            "`apt-get install -y --no-install-recommends chromium` (scripts/test.sh does this)"
         )
     return path
 

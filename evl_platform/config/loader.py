@@ -188,7 +188,11 @@ def _load_tree(path: Path, shown: str, chain: tuple[tuple[str, str], ...]) -> tu
 
 
 def _read_yaml(path: Path, shown: str, referrer: str | None) -> dict[Any, Any]:
-    """Parse one YAML file whose top level must be a mapping (an empty file is ``{}``)."""
+    """Parse one YAML file whose top level must be a mapping.
+
+    A file with no settings (empty, only comments, or ``null``) is refused rather than read as
+    ``{}``: it would silently train the defaults. An explicit ``{}`` is accepted.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -204,7 +208,7 @@ def _read_yaml(path: Path, shown: str, referrer: str | None) -> dict[Any, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{shown}: YAML syntax error {_yaml_problem(err)}") from None
     if raw is None:
-        return {}
+        raise ConfigError(f"{shown}: the file holds no settings (empty, only comments or null)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{shown}: expected a mapping at the top level, got {type(raw).__name__}")
     return raw

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 WORKER_SETUP_HOOK = "evl_platform.runtime.hooks.quiet_ray_workers"
@@ -89,27 +92,93 @@ def cluster_runtime_env() -> dict[str, Any]:
     }
 
 
+class Terminated(KeyboardInterrupt):
+    """The driver got SIGTERM (a scheduler's preemption): the work stops as on Ctrl-C."""
+
+
+EXIT_TERMINATED = 128 + signal.SIGTERM
+"""Exit status of a driver stopped by SIGTERM (143, as if the signal had ended it)."""
+
+
+_sigterm = threading.Event()
+
+
+def received_sigterm() -> bool:
+    """Whether SIGTERM arrived in the last :func:`stop_on_sigterm` block. A blocking
+    ``ray.get`` turns whatever its signal check raised into a plain ``KeyboardInterrupt``, so
+    the exception alone cannot tell SIGTERM from Ctrl-C."""
+    return _sigterm.is_set()
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM handler: raises :class:`Terminated` in the main thread, once; a second SIGTERM
+    during the clean-up that follows is ignored (SIGKILL still ends the process)."""
+    _sigterm.set()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in
+    the main thread, so the work stops as it does on Ctrl-C: runs marked KILLED, checkpoints
+    kept. The handler in place before is restored at the end. Outside the main thread
+    (where Python delivers no signals) it does nothing.
+
+    ``ray.init`` installs its own SIGTERM handlers (``sys.exit`` in a driver, kill every
+    local Ray process and exit 1 on a node it started), which left the driver to abort in
+    Ray's C++ shutdown: enter this after ``ray.init``.
+    """
+    with _restored_sigterm_handler() as main_thread:
+        if main_thread:
+            _sigterm.clear()
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        yield
+
+
+@contextlib.contextmanager
+def _restored_sigterm_handler() -> Iterator[bool]:
+    """Puts back the SIGTERM handler of before the block (``ray.init`` replaces it). Yields
+    whether this is the main thread, the only one that can set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield True
+    finally:
+        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, *, log_to_driver: bool = True) -> Iterator[bool]:
     """Uses the current Ray connection, attaches to ``address`` (or ``$RAY_ADDRESS``), or
     starts a local instance; what this call started or attached is shut down at the end.
     ``log_to_driver=False`` keeps the workers' output off this console (a sweep prints its
-    own progress). Yields whether this call attached to an existing cluster."""
+    own progress). Yields whether this call attached to an existing cluster.
+
+    Inside the session SIGTERM stops the work as Ctrl-C does (:func:`stop_on_sigterm`); the
+    SIGTERM handler of before the session is back once it ends.
+    """
     import ray
 
     configure_driver()
     if ray.is_initialized():
-        yield False
+        with stop_on_sigterm():
+            yield False
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=cluster_runtime_env())
-    else:
-        ray.init(**ray_init_options(), log_to_driver=log_to_driver)
-    try:
-        yield bool(address)
-    finally:
-        ray.shutdown()
+    with _restored_sigterm_handler():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            runtime_env = cluster_runtime_env()
+            ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
+        else:
+            ray.init(**ray_init_options(), log_to_driver=log_to_driver)
+        with stop_on_sigterm():  # over the shutdown too: a second SIGTERM cannot cut it short
+            try:
+                yield bool(address)
+            finally:
+                ray.shutdown()
 
 
 def use_cluster_defaults(attached: bool) -> None:
