@@ -76,7 +76,10 @@ def reserved_cpus() -> int:
     inside Ray (at least one), otherwise the process's CPU affinity."""
     ray = sys.modules.get("ray")  # only a process started by Ray has it imported and running
     if ray is not None and ray.is_initialized():
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        try:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        except AssertionError:  # the driver: only workers and tasks have reserved resources
+            cpus = None
         if cpus:
             return max(1, int(cpus))
     return len(os.sched_getaffinity(0))
