@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from evl_platform.config import DataConfig
 from evl_platform.data.annotations import Annotations
-from evl_platform.data.decode import VideoError, read_clip
+from evl_platform.data.decode import VideoError, check_decoder, read_clip
 from evl_platform.data.sampling import ClipSampler
 from evl_platform.data.transforms import TestTransform, TrainTransform
 
@@ -134,6 +134,7 @@ class VideoDataset(Dataset):
         self.train = train
         self.seed = seed
         self.epoch = 0
+        check_decoder(data.decoder)
         self.decoder = data.decoder
         self.timeout_s = data.decode_timeout_s
         self.min_frames = data.min_frames or data.num_frames

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
+import importlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from evl_platform.config.schema import VideoDecoder
+from evl_platform.data.errors import DataSourceError
 from evl_platform.registry import Registry
 
 T = TypeVar("T")
@@ -182,6 +184,23 @@ class TorchCodecReader(_Closing):
 
 
 DECODERS.check_names(VideoDecoder, literal_name="VideoDecoder", module=__name__)
+
+DECODER_MODULES = {"decord": "decord", "pyav": "av", "torchcodec": "torchcodec.decoders"}
+"""The Python module each decoder needs."""
+
+
+def check_decoder(decoder: str) -> None:
+    """Raises :class:`DataSourceError` naming ``data.decoder`` when its library cannot be
+    imported (not installed, or FFmpeg's shared libraries missing for torchcodec), so a
+    missing decoder is one clear error instead of every video reported unreadable."""
+    DECODERS.get(decoder)
+    try:
+        importlib.import_module(DECODER_MODULES[decoder])
+    except (ImportError, OSError, RuntimeError) as err:
+        detail = " ".join(str(err).split())[:300]
+        raise DataSourceError(
+            f"data.decoder: {decoder} cannot be used here ({type(err).__name__}: {detail})"
+        ) from None
 
 
 def scaled_size(height: int, width: int, short_side: int | None) -> Size | None:
