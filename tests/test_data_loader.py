@@ -135,8 +135,10 @@ def test_decoding_time_limit(tmp_path: Path, appearance_small: SyntheticLayout) 
     assert len(read_clip(small, choose, timeout_s=limit)[0]) == 8  # the next video still works
 
 
-@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+@pytest.mark.parametrize("decoder", ["decord", "pyav", "torchcodec"])
 def test_decoders_agree(decoder: str, motion_small: SyntheticLayout) -> None:
+    if decoder == "torchcodec":
+        pytest.importorskip("torchcodec")
     video = next(motion_small.root.glob("*.mp4"))
     choose = lambda n: [np.array([0, 3, 3, 15]), np.array([1, 2])]  # noqa: E731
     views = read_clip(video, choose, decoder=decoder)

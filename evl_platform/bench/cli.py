@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import get_args
 
 from evl_platform.arguments import (
     add_ablation_arguments,
@@ -12,6 +13,7 @@ from evl_platform.arguments import (
     positive_int,
 )
 from evl_platform.config import ConfigError, load_config
+from evl_platform.config.schema import VideoDecoder
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -19,10 +21,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     actions = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     data = actions.add_parser(
         "data",
-        help="loader clips/s vs. raw decord decoding of the same frames",
+        help="loader clips/s vs. raw decoding of the same frames",
         description="Time the full loader (decode + sample + augment + collate, with its "
-        "worker processes) against decord decoding the same frames of the same clips in the "
-        "same number of processes, and print both rates and their ratio (target >= 0.9).",
+        "worker processes) against the same decoder decoding the same frames of the same "
+        "clips in the same number of processes, and print both rates, their ratio (target "
+        ">= 0.9) and the loader's clips/s per core.",
     )
     add_config_arguments(data)
     add_workers_argument(data, "processes on both sides")
@@ -38,6 +41,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         choices=("train", "val"),
         default="train",
         help="train: random clip + augmentation; val: all test views",
+    )
+    data.add_argument(
+        "--decoder",
+        choices=(*get_args(VideoDecoder), "all"),
+        default=None,
+        help="decoder to time instead of data.decoder; all: each installed one, one table",
+    )
+    data.add_argument(
+        "--native-size",
+        action="store_true",
+        help="decode at each video's own size, not the short side the transforms need",
     )
     data.add_argument("--json", action="store_true", help="print one JSON object")
     data.set_defaults(handler=_bench_data)
@@ -120,10 +134,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _bench_data(args: argparse.Namespace) -> int:
-    from evl_platform.bench.data import bench_data
+    from evl_platform.bench.data import bench_data, bench_decoders
 
     cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
-    result = bench_data(cfg, workers=args.workers, clips=args.clips, split=args.split)
+    options = dict(
+        workers=args.workers, clips=args.clips, split=args.split, native_size=args.native_size
+    )
+    if args.decoder == "all":
+        table = bench_decoders(cfg, **options)
+        print(json.dumps(table.to_dict()) if args.json else table.render())
+        return 0
+    result = bench_data(cfg, decoder=args.decoder, **options)
     print(json.dumps(result.to_dict()) if args.json else result.render())
     return 0
 

@@ -1,11 +1,12 @@
 """``evl-platform bench data``: the full loader against raw decoding of the same frames.
 
 Both sides get the same worker processes (one decoding thread each) and the same clips: the
-same videos and frame indices, drawn with the dataset's own per-item seeds. The raw side only
-opens each video with decord and fetches those frames; the loader side also samples, augments,
-normalises, collates and ships batches to the main process. Both are timed in steady state
-(workers already started, files already in the page cache) and the ratio of their clips/s is
-the loader's efficiency.
+same videos and frame indices, drawn with the dataset's own per-item seeds, decoded by the same
+decoder at the same size. The raw side only opens each video and fetches those frames; the
+loader side also samples, augments, normalises, collates and ships batches to the main process.
+Both are timed in steady state (workers already started, files already in the page cache) and
+the ratio of their clips/s is the loader's efficiency; the loader's clips/s per worker process
+is what one CPU core delivers, the figure that sizes CPUs per GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 
 from evl_platform.config import ExperimentConfig
 from evl_platform.data.dataset import VideoDataset, VideoLoader
-from evl_platform.data.decode import decode_views
+from evl_platform.data.decode import DECODER_MODULES, check_decoder, decode_views
+from evl_platform.data.errors import DataSourceError
 from evl_platform.data.source import create_dataset, read_splits
 
 TARGET_RATIO = 0.9
@@ -39,6 +41,7 @@ class DataBench:
     clip_shape: tuple[int, ...]
     workers: int
     decoder: str
+    decode_short_side: int | None
     raw_clips_per_s: float
     loader_clips_per_s: float
     decode_ms: float
@@ -50,23 +53,41 @@ class DataBench:
         """Loader clips/s over raw decode clips/s."""
         return self.loader_clips_per_s / self.raw_clips_per_s
 
+    @property
+    def clips_per_s_per_core(self) -> float:
+        """Full-loader clips/s per loader worker process (one core each)."""
+        return self.loader_clips_per_s / self.workers
+
     def to_dict(self) -> dict:
-        """JSON-ready fields, including the ratio and the target."""
-        return {**self.__dict__, "ratio": self.ratio, "target_ratio": TARGET_RATIO}
+        """JSON-ready fields, including the ratio, the target and the per-core rate."""
+        return {
+            **self.__dict__,
+            "ratio": self.ratio,
+            "target_ratio": TARGET_RATIO,
+            "clips_per_s_per_core": self.clips_per_s_per_core,
+        }
 
     def render(self) -> str:
         """The printed table."""
         verdict = "meets" if self.ratio >= TARGET_RATIO else "below"
         shape = "x".join(map(str, self.clip_shape))
+        size = (
+            "native size"
+            if self.decode_short_side is None
+            else (f"short side {self.decode_short_side}")
+        )
         return "\n".join(
             [
                 f"bench data: {self.experiment} ({self.dataset}, {self.split} split, "
-                f"{self.clips} clips of {shape}, {self.workers} worker(s), {self.decoder})",
+                f"{self.clips} clips of {shape}, {self.workers} worker(s), {self.decoder} "
+                f"at {size})",
                 f"  machine          {self.machine}",
                 f"  raw decode       {self.raw_clips_per_s:8.1f} clips/s  "
-                "(decord, same frames, same processes)",
+                f"({self.decoder}, same frames, same size, same processes)",
                 f"  full loader      {self.loader_clips_per_s:8.1f} clips/s  "
                 "(decode + sample + augment + collate)",
+                f"  per core         {self.clips_per_s_per_core:8.1f} clips/s  "
+                "(full loader / worker processes)",
                 f"  ratio            {self.ratio:8.2f}  ({verdict} the {TARGET_RATIO} target)",
                 f"  per clip, 1 core decode {self.decode_ms:.2f} ms, "
                 f"sample + transform {self.transform_ms:.2f} ms",
@@ -87,14 +108,16 @@ def machine_description() -> str:
 
 def _raw_decode(task: tuple[str, int, int, tuple]) -> int:
     """Decodes one clip's frames with the dataset's sampling draw; returns the frame count."""
-    path, index, epoch, (sampler, seed) = task
+    path, index, epoch, (sampler, seed, decoder, short_side) = task
     rng = np.random.default_rng([seed, epoch, index])
-    views = decode_views(path, lambda length: sampler(length, rng), decoder="decord")
+    views = decode_views(
+        path, lambda length: sampler(length, rng), decoder=decoder, short_side=short_side
+    )
     return sum(len(v) for v in views)
 
 
 def _raw_rate(dataset: VideoDataset, indices: list[int], workers: int, epoch: int) -> float:
-    context = (dataset.sampler, dataset.seed)
+    context = (dataset.sampler, dataset.seed, dataset.decoder, dataset.short_side)
     tasks = [(str(dataset.records[i].path), i, epoch, context) for i in indices]
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
         list(pool.map(_raw_decode, tasks[: workers * 2]))  # start the processes
@@ -124,7 +147,10 @@ def _per_clip_ms(dataset: VideoDataset, indices: list[int]) -> tuple[float, floa
         rng = np.random.default_rng([dataset.seed, 0, index])
         t0 = time.perf_counter()
         views = decode_views(
-            dataset.records[index].path, lambda n, rng=rng: dataset.sampler(n, rng)
+            dataset.records[index].path,
+            lambda n, rng=rng: dataset.sampler(n, rng),
+            decoder=dataset.decoder,
+            short_side=dataset.short_side,
         )
         t1 = time.perf_counter()
         if dataset.train:
@@ -137,9 +163,27 @@ def _per_clip_ms(dataset: VideoDataset, indices: list[int]) -> tuple[float, floa
 
 
 def bench_data(
-    cfg: ExperimentConfig, *, workers: int, clips: int = 512, split: str = "train"
+    cfg: ExperimentConfig,
+    *,
+    workers: int,
+    clips: int = 512,
+    split: str = "train",
+    decoder: str | None = None,
+    native_size: bool = False,
 ) -> DataBench:
-    """Measures loader and raw-decode clips/s on ``clips`` clips of ``split``."""
+    """Measures loader and raw-decode clips/s on ``clips`` clips of ``split``.
+
+    Args:
+        cfg: the experiment.
+        workers: loader worker processes, and raw-decode processes.
+        clips: clips timed on each side.
+        split: ``train`` (random clip + augmentation) or ``val`` (all test views).
+        decoder: a ``data.decoder`` to use instead of the config's.
+        native_size: decode at each video's own size instead of the short side the
+            transforms need (the loader's behaviour before decoder-side scaling).
+    """
+    if decoder is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"decoder": decoder})})
     annotations = read_splits(cfg.data)[split]
     dataset = create_dataset(cfg, annotations, train=split == "train")
     indices = [i % len(dataset) for i in range(clips)]
@@ -150,6 +194,8 @@ def bench_data(
         train=dataset.train,
         seed=dataset.seed,
     )
+    if native_size:
+        subset.short_side = None
     decode_ms, transform_ms = _per_clip_ms(subset, list(range(min(64, clips))))
     batch = max(1, min(cfg.train.batch_size, clips // (4 * workers) or 1))
     loader = _loader_rate(subset, workers, batch, epoch=1)
@@ -163,9 +209,55 @@ def bench_data(
         clip_shape=tuple(sample.shape),
         workers=workers,
         decoder=cfg.data.decoder,
+        decode_short_side=subset.short_side,
         raw_clips_per_s=raw,
         loader_clips_per_s=loader,
         decode_ms=decode_ms,
         transform_ms=transform_ms,
         machine=machine_description(),
     )
+
+
+@dataclass
+class DecoderTable:
+    """``bench data --decoder all``: one :class:`DataBench` per usable decoder."""
+
+    results: list[DataBench]
+    unusable: dict[str, str]  # decoder -> why it could not run
+
+    def to_dict(self) -> dict:
+        """JSON-ready: every result and every decoder that could not run."""
+        return {"results": [r.to_dict() for r in self.results], "unusable": self.unusable}
+
+    def render(self) -> str:
+        """The printed comparison."""
+        first = self.results[0]
+        shape = "x".join(map(str, first.clip_shape))
+        size = first.decode_short_side or "native"
+        lines = [
+            f"bench data: {first.experiment} ({first.dataset}, {first.split} split, "
+            f"{first.clips} clips of {shape}, {first.workers} worker(s), decoded at short side "
+            f"{size})",
+            f"  machine     {first.machine}",
+            "  decoder       raw clips/s  loader clips/s  ratio  per core  decode ms/clip",
+        ]
+        for r in self.results:
+            lines.append(
+                f"  {r.decoder:<12} {r.raw_clips_per_s:12.1f} {r.loader_clips_per_s:15.1f} "
+                f"{r.ratio:6.2f} {r.clips_per_s_per_core:9.1f} {r.decode_ms:15.1f}"
+            )
+        lines += [f"  {name:<12} not run: {why}" for name, why in self.unusable.items()]
+        return "\n".join(lines)
+
+
+def bench_decoders(cfg: ExperimentConfig, **options: object) -> DecoderTable:
+    """:func:`bench_data` with every decoder whose library imports here, on the same clips."""
+    results, unusable = [], {}
+    for name in DECODER_MODULES:
+        try:
+            check_decoder(name)
+        except DataSourceError as err:
+            unusable[name] = str(err)
+            continue
+        results.append(bench_data(cfg, decoder=name, **options))
+    return DecoderTable(results, unusable)

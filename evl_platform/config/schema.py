@@ -32,7 +32,7 @@ BackboneDtype = Literal["float32", "float16", "bfloat16"]
 FeatureShape = Literal["spatiotemporal", "temporal_token", "temporal_avg", "spatial_avg"]
 SamplingMode = Literal["dense", "uniform"]
 AnnotationFormat = Literal["evl_list", "kinetics_csv", "ssv2_json"]
-VideoDecoder = Literal["decord", "pyav"]
+VideoDecoder = Literal["decord", "pyav", "torchcodec"]
 AmpDtype = Literal["none", "float16", "bfloat16"]
 ModelArch = Literal["evl", "cnn3d"]
 
@@ -256,10 +256,12 @@ class DataConfig(_Frozen):
         min_frames: videos with fewer decodable frames are bad ("too short"); ``None`` means
             ``num_frames``. Longer videos shorter than a dense clip's span are clamped.
         synthetic: generation settings of the synthetic stand-ins.
-        decoder: video decoding backend.
-        max_bad_fraction: fraction of unreadable videos above which a run stops.
+        decoder: video decoding backend (``decord``, ``pyav`` or ``torchcodec``).
+        max_bad_fraction: fraction of unreadable videos above which a run stops (each
+            training worker checks the share of the split it reads).
         decode_timeout_s: per-video decoding time limit.
-        num_workers: loader worker processes per training worker.
+        num_workers: loader worker processes per training worker; ``None`` (the default):
+            the CPUs the worker reserved minus one for the training process, at least one.
     """
 
     dataset: str = "synthetic-motion"
@@ -280,7 +282,7 @@ class DataConfig(_Frozen):
     decoder: VideoDecoder = "decord"
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     decode_timeout_s: float = Field(30.0, gt=0)
-    num_workers: int = Field(2, ge=0)
+    num_workers: int | None = Field(None, ge=0)
 
 
 class TrainConfig(_Frozen):

@@ -6,6 +6,8 @@ at any step by recomputing its epoch and position without replaying earlier batc
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -69,8 +71,34 @@ class StepSampler(Sampler[int]):
         return (self.steps_per_epoch - self.first) * self.batch
 
 
+def reserved_cpus() -> int:
+    """The CPUs this process may use: those its Ray worker or task reserved when it runs
+    inside Ray (at least one), otherwise the process's CPU affinity."""
+    ray = sys.modules.get("ray")  # only a process started by Ray has it imported and running
+    if ray is not None and ray.is_initialized():
+        try:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        except AssertionError:  # the driver: only workers and tasks have reserved resources
+            cpus = None
+        if cpus:
+            return max(1, int(cpus))
+    return len(os.sched_getaffinity(0))
+
+
+def loader_workers(configured: int | None) -> int:
+    """Loader processes per training worker: ``data.num_workers`` when set, otherwise the
+    reserved CPUs (:func:`reserved_cpus`) minus one for the training process, at least one
+    (so decoding overlaps the step even on a single reserved CPU)."""
+    if configured is not None:
+        return configured
+    return max(1, reserved_cpus() - 1)
+
+
 class VideoSource:
     """Decoded, transformed clips (random training views, all test views for validation).
+
+    Each split has one :class:`VideoLoader` for the whole run, so its worker processes (and
+    the bad videos they found) last from the first batch to the end.
 
     Args:
         cfg: the experiment.
@@ -97,9 +125,10 @@ class VideoSource:
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.val_indices = list(range(rank, len(self.val_set), world))
         options = dict(
-            num_workers=cfg.data.num_workers,
+            num_workers=loader_workers(cfg.data.num_workers),
             max_bad_fraction=cfg.data.max_bad_fraction,
             pin_memory=pin_memory,
+            shards=world,
         )
         self.train_loader = VideoLoader(
             self.train_set, batch_size=batch, shuffle=False, sampler=self.sampler, **options
