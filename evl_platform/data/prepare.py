@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections import Counter, deque
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from evl_platform.config import ExperimentConfig
 from evl_platform.data.annotations import Annotations
 from evl_platform.data.check import Probe
-from evl_platform.data.decode import BAD_KINDS
+from evl_platform.data.decode import BAD_KINDS, VideoError
 from evl_platform.data.errors import DataSourceError
 from evl_platform.data.prepare_annotations import (
     PREPARED_EXTENSION,
@@ -38,7 +39,12 @@ from evl_platform.data.prepare_annotations import (
     write_label_map,
     write_split,
 )
-from evl_platform.data.prepare_encode import TMP_MARKER, EncodeSettings, encode_video
+from evl_platform.data.prepare_encode import (
+    TMP_MARKER,
+    EncodeResult,
+    EncodeSettings,
+    encode_video,
+)
 from evl_platform.data.source import read_splits, resolve_files
 
 MANIFEST = "prepare.json"
@@ -246,7 +252,16 @@ def _run_tasks(
                 running[_prepare_chunk.remote(jobs, plain)] = chunk
             [done], _ = ray.wait(list(running), num_returns=1)
             chunk = running.pop(done)
-            for (rel, _), result in zip(chunk, ray.get(done), strict=True):
+            try:
+                chunk_results = ray.get(done)
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as err:
+                # the decoder crashed or ran out of memory on some input (Ray retried the task
+                # first): find which one by retrying the videos one per task
+                if len(chunk) > 1:
+                    queue.extend([pair] for pair in chunk)
+                    continue
+                chunk_results = [_crashed(out / chunk[0][0], chunk[0][1], err)]
+            for (rel, _), result in zip(chunk, chunk_results, strict=True):
                 results[rel] = result
             bar.update(len(chunk))
     except BaseException:
@@ -256,6 +271,13 @@ def _run_tasks(
     finally:
         bar.close()
     return results
+
+
+def _crashed(output: Path, source: str, err: Exception) -> dict[str, Any]:
+    """The result of a video whose own task failed: ``unreadable``."""
+    detail = f"its encoding task failed: {type(err).__name__}: {str(err).splitlines()[0]}"
+    bad = VideoError(source, "unreadable", detail)
+    return asdict(EncodeResult(source, str(output), bad.kind, bad.detail))
 
 
 @ray.remote(num_cpus=1)
@@ -303,6 +325,6 @@ def render_report(report: PrepareReport) -> str:
         + (" (" + ", ".join(f"{k} {n}" for k, n in sorted(bad.items())) + ")" if bad else ""),
         f"  problem list: {report.out_dir / PROBLEMS_CSV}",
         "  read the prepared copy with:",
-        "    " + " ".join(f"--set {value}" for value in report.overrides()),
+        "    " + " ".join(f"--set {shlex.quote(value)}" for value in report.overrides()),
     ]
     return "\n".join(lines)
