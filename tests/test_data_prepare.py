@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 from conftest import BAD_KINDS_WRITTEN, layout_data, write_bad_videos, write_config
 
@@ -17,7 +18,12 @@ from evl_platform.config import load_config
 from evl_platform.data.annotations import save_label_map
 from evl_platform.data.check import check_data
 from evl_platform.data.prepare import encode_settings, prepare_dataset
-from evl_platform.data.prepare_encode import TMP_MARKER, output_size
+from evl_platform.data.prepare_encode import (
+    TMP_MARKER,
+    EncodeSettings,
+    encode_video,
+    output_size,
+)
 from evl_platform.data.source import read_splits
 from evl_platform.data.synth import SyntheticLayout
 
@@ -170,6 +176,23 @@ def test_annotations_read_back_with_the_same_ids_and_labels(
         assert entries == json.loads(motion_small.train_annotations.read_text())
     path = after["train"].records[0].path
     assert path.suffix == ".mp4" and _keyframes(path)[1] == [0]  # uniform: every 16 frames
+
+
+def test_keyframes_fall_every_interval_whatever_the_input_keyframes(tmp_path: Path) -> None:
+    source = tmp_path / "gop5.mp4"
+    rng = np.random.default_rng(0)
+    with av.open(str(source), mode="w") as container:  # input keyframes at 0, 5, 10, 15
+        stream = container.add_stream("libx264", rate=12)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"x264-params": "keyint=5:min-keyint=5:scenecut=0"}
+        for pixels in rng.integers(0, 256, (16, 48, 64, 3), dtype=np.uint8):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    assert _keyframes(source)[1] == [0, 5, 10, 15]
+    settings = EncodeSettings(short_side=32, keyframe_interval=4)
+    result = encode_video(str(source), str(tmp_path / "out.mp4"), settings)
+    assert (result.status, result.frames, result.width, result.height) == ("ok", 16, 42, 32)
+    assert _keyframes(tmp_path / "out.mp4") == (16, [0, 4, 8, 12], (42, 32))
 
 
 def test_output_size_keeps_the_aspect_never_upscales_and_stays_even() -> None:

@@ -138,6 +138,8 @@ def _encode_frames(
     frames: Iterator[Any], out: Any, rate: Fraction, settings: EncodeSettings
 ) -> tuple[int, int, int]:
     """Scales and encodes ``frames`` into the open output container ``out``."""
+    import av
+
     stream, size, count = None, (0, 0), 0
     for frame in frames:
         if stream is None:
@@ -145,6 +147,9 @@ def _encode_frames(
             stream = _add_stream(out, rate, size, settings)
         image = frame.reformat(*size, format="yuv420p", interpolation="AREA")
         image.pts, image.time_base = count, 1 / rate
+        # a decoded frame keeps its input picture type, and libx264 makes an I frame of every
+        # frame marked I: the input's keyframes would fall between ours
+        image.pict_type = av.video.frame.PictureType.NONE
         out.mux(stream.encode(image))
         count += 1
     if stream is not None:
