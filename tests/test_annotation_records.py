@@ -3,6 +3,7 @@ pickle and shared (not copied) by forked loader workers."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import pickle
 from pathlib import Path
@@ -64,6 +65,9 @@ def _private_kib() -> int:
 
 
 def _touch_all(ann: Annotations, send: multiprocessing.connection.Connection) -> None:
+    # a full garbage collection would touch every object of this process (torch, Ray: none
+    # of them the annotations') and copy its pages, whatever the records are held in
+    gc.disable()
     before = _private_kib()
     for record in ann.records:
         str(record.path), record.label, record.video_id  # noqa: B018

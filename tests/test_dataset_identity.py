@@ -13,15 +13,17 @@ from conftest import listing_data, write_config
 
 from evl_platform.config import ExperimentConfig
 from evl_platform.data.source import read_splits, resolve_files
-from evl_platform.features.identity import compute_identity
+from evl_platform.features.identity import compute_identity, sidecar_dir
 from evl_platform.features.key import split_inputs
 
 VIDEOS = 40
 
 
 @pytest.fixture
-def dataset(tmp_path: Path) -> ExperimentConfig:
-    """A 10-class EVL list of 40 placeholder videos in two folders, and its experiment."""
+def dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ExperimentConfig:
+    """A 10-class EVL list of 40 placeholder videos in two folders, and its experiment (with a
+    cache directory of its own, where the sidecars go)."""
+    monkeypatch.setenv("EVL_PLATFORM_CACHE", str(tmp_path / "cache"))
     lines = []
     for i in range(VIDEOS):
         video = tmp_path / "videos" / f"part{i % 2}" / f"clip{i:03d}.mp4"
@@ -30,8 +32,7 @@ def dataset(tmp_path: Path) -> ExperimentConfig:
         lines.append(f"{video} {i % 10}")
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(lines) + "\n")
-    features = {"cache_dir": str(tmp_path / "features")}
-    return write_config(tmp_path / "exp.yaml", listing_data(listing, tmp_path), features=features)
+    return write_config(tmp_path / "exp.yaml", listing_data(listing, tmp_path))
 
 
 def _identity(cfg: ExperimentConfig, split: str = "train") -> dict:
@@ -66,7 +67,7 @@ def test_identity_is_computed_once_then_checked_without_a_stat_per_video(
     # the stored identity is the one computed from the files: caches keep their keys
     files = resolve_files(dataset.data, progress=False)
     assert compute_identity(read_splits(dataset.data)["train"], files)[0] == first
-    assert len(list((Path(dataset.features.cache_dir) / "datasets").glob("*.json"))) == 1
+    assert len(list(sidecar_dir().glob("*.json"))) == 1
 
 
 def test_a_changed_listing_recomputes_the_identity(
@@ -103,16 +104,15 @@ def test_changed_annotations_or_class_order_never_meet_an_old_sidecar(
 
 
 def test_a_bad_or_unwritable_sidecar_only_costs_the_computation(
-    dataset: ExperimentConfig, video_stats: list[str]
+    dataset: ExperimentConfig, video_stats: list[str], tmp_path: Path
 ) -> None:
     first = _identity(dataset)
-    (sidecar,) = (Path(dataset.features.cache_dir) / "datasets").glob("*.json")
+    (sidecar,) = sidecar_dir().glob("*.json")
     sidecar.write_text("{not json")
     assert _identity(dataset) == first
     assert json.loads(sidecar.read_text())["identity"] == first  # written again
-    cache = Path(dataset.features.cache_dir)
-    cache.rename(cache.with_name("old-features"))
-    cache.write_text("a file where the cache folder should be")
+    sidecar_dir().rename(tmp_path / "old-sidecars")
+    sidecar_dir().write_text("a file where the sidecar folder should be")
     video_stats.clear()
     assert _identity(dataset) == first
     assert len(video_stats) == VIDEOS

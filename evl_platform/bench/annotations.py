@@ -140,7 +140,7 @@ def _experiment(out: Path, base: str, data: dict[str, str]) -> Path:
         f"  val_annotations: {val}",
         "  augment: {random_resized_crop: null, rand_augment: null, horizontal_flip: false}",
         *(f"  {key}: {value}" for key, value in data.items()),
-        f"features: {{reuse: true, cache_dir: {out / 'cache'}}}",
+        "features: {reuse: true, cache_dir: cache}",
     ]
     path = out / "experiment.yaml"
     path.write_text("\n".join(lines) + "\n")
@@ -246,16 +246,19 @@ def _worker_private(experiment: str) -> dict[str, float]:
     return {"private_mib": float(next(iter(loader)))}
 
 
-def _run_and_send(connection: Any, function: Any, args: tuple[Any, ...]) -> None:
+def _run_and_send(connection: Any, cache: str, function: Any, args: tuple[Any, ...]) -> None:
+    os.environ["EVL_PLATFORM_CACHE"] = cache
     connection.send(function(*args))
 
 
-def _fresh(function: Any, *args: Any) -> dict[str, float]:
-    """``function(*args)`` in a fresh (spawned) interpreter that may fork workers itself."""
+def _fresh(cache: Path, function: Any, *args: Any) -> dict[str, float]:
+    """``function(*args)`` in a fresh (spawned) interpreter, that may fork workers itself, with
+    ``cache`` as its platform cache."""
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_run_and_send, args=(send, function, args))
+    process = context.Process(target=_run_and_send, args=(send, str(cache), function, args))
     process.start()
+    send.close()  # a child that dies then ends the wait below
     try:
         return receive.recv()
     except EOFError:
@@ -273,11 +276,12 @@ def _dry_run(ablation: Path) -> float:
 
 
 def _measure(name: str, experiment: Path) -> DatasetFigures:
-    read = _fresh(_read_train, str(experiment))
-    shutil.rmtree(experiment.parent / "cache", ignore_errors=True)
-    first = _fresh(_trial_start, str(experiment))
-    later = _fresh(_trial_start, str(experiment))
-    worker = _fresh(_worker_private, str(experiment))
+    cache = experiment.parent / "cache"  # the features and the dataset-identity sidecars
+    read = _fresh(cache, _read_train, str(experiment))
+    shutil.rmtree(cache, ignore_errors=True)
+    first = _fresh(cache, _trial_start, str(experiment))
+    later = _fresh(cache, _trial_start, str(experiment))
+    worker = _fresh(cache, _worker_private, str(experiment))
     return DatasetFigures(
         dataset=name,
         entries=int(read["n"]),

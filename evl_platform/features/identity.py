@@ -3,8 +3,9 @@
 A split's identity covers its annotation and label-map bytes and every listed video's path,
 label, size and modification time (:func:`compute_identity`). Stat-ing 240,000 videos takes
 seconds locally and minutes on a network file system, and every trial worker needs the
-identity, so it is computed once and stored as JSON under ``<features cache>/datasets/``,
-named by what the records say (format, files, root, the records' own digest, class order).
+identity, so it is computed once and stored as JSON under ``<cache>/datasets/``
+(:func:`sidecar_dir`, shared by every feature cache directory), named by what the records say
+(format, files, root, the records' own digest, class order).
 The stored identity is reused while its *listing* holds: the size and modification time of
 the annotation file, the label map and every folder that holds a listed video. Adding,
 removing, renaming or replacing a video (writing a new file and renaming it into place, as
@@ -26,12 +27,19 @@ from typing import Any
 
 from evl_platform.data.annotations import Annotations
 from evl_platform.data.source import DatasetFiles
+from evl_platform.data.synth import default_cache_dir
 
 SIDECAR_VERSION = 1
 """Bump whenever what a sidecar holds, or how it is checked, changes."""
 
 Listing = dict[str, list[int] | str]
 """Path -> ``[size, mtime_ns]``, or ``"missing"``."""
+
+
+def sidecar_dir() -> Path:
+    """Where sidecars are kept: ``datasets/`` in the platform's cache directory
+    (``$EVL_PLATFORM_CACHE``, which a cluster sets on every node)."""
+    return default_cache_dir() / "datasets"
 
 
 def dataset_identity(

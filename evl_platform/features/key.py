@@ -22,7 +22,7 @@ from evl_platform.config import DataConfig, ExperimentConfig, TestViewsConfig
 from evl_platform.config.schema import is_weights_path
 from evl_platform.data.annotations import Annotations
 from evl_platform.data.source import DatasetFiles, Split, image_size
-from evl_platform.features.identity import dataset_identity, file_sha256
+from evl_platform.features.identity import dataset_identity, file_sha256, sidecar_dir
 from evl_platform.models.backbone import backbone_spec
 from evl_platform.models.evl import feature_block_indices
 from evl_platform.models.temporal import enabled_temporal_modules
@@ -151,10 +151,8 @@ def split_inputs(
 ) -> dict[str, Any]:
     """Key inputs shared by all entries of a split: :func:`config_inputs` and the dataset's
     identity (:func:`~evl_platform.features.identity.dataset_identity`, kept in a sidecar
-    under ``<features cache>/datasets/``)."""
-    from evl_platform.features.store import features_root  # the store imports this module
-
-    identity = dataset_identity(annotations, files, sidecar_dir=features_root(cfg) / "datasets")
+    under :func:`~evl_platform.features.identity.sidecar_dir`)."""
+    identity = dataset_identity(annotations, files, sidecar_dir=sidecar_dir())
     return {**config_inputs(cfg, split), "dataset": identity}
 
 

@@ -45,7 +45,7 @@ def read_kinetics_csv(
             raise AnnotationError(f"{out.where(line_no)}: label {label!r} is not in {source}")
         name = video_id + ext
         if label in in_subdir and name in in_subdir[label] and name not in flat:
-            name = os.path.join(label, name)
+            name = f"{label}{os.sep}{name}"
         out.add(line_no, video_id, name, index[label])
     return out.finish(names)
 
@@ -90,7 +90,12 @@ def _kinetics_row(row: list[str], header: list[str], columns: list[int]) -> tupl
     """The (label, video id) of one row."""
     if len(row) != len(header):
         raise EntryProblem(f"expected {len(header)} fields ({','.join(header)}), got {len(row)}")
-    label, youtube_id, start, end = (row[i].strip() for i in columns)
+    label, youtube_id, start, end = (
+        row[columns[0]].strip(),
+        row[columns[1]].strip(),
+        row[columns[2]].strip(),
+        row[columns[3]].strip(),
+    )
     if not label or not youtube_id:
         raise EntryProblem(f"empty {'label' if not label else 'youtube_id'}")
     start_s = _whole_seconds("time_start", start)
