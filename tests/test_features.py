@@ -176,15 +176,17 @@ def test_key_covers_everything_that_changes_features(
     assert len(base & other) == VIEWS
     # T-CA adds q and k entries next to the same "out" entries
     assert base < _keys(_load(path, "model.decoder.temporal_cross_attn=true"))
-    # dataset files: a touched video changes its split only; a missing one changes it too
+    # dataset files: a replaced video (a new file renamed over it, as an encoder writes it)
+    # changes its split only; a missing one changes it too
     val = _keys(_load(path), "val")
     video = read_splits(_load(path).data)["train"].records[0].path
-    stat = video.stat()
-    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    touched = _keys(_load(path))
-    assert base.isdisjoint(touched) and _keys(_load(path), "val") == val
+    replacement = video.with_name(f"new-{video.name}")
+    replacement.write_bytes(video.read_bytes() + b"\0")
+    os.replace(replacement, video)
+    replaced = _keys(_load(path))
+    assert base.isdisjoint(replaced) and _keys(_load(path), "val") == val
     video.unlink()
-    assert touched.isdisjoint(_keys(_load(path)))
+    assert replaced.isdisjoint(_keys(_load(path)))
 
 
 def test_extraction_identity_tells_which_configs_read_the_same_entries(

@@ -26,7 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PAIRS = {
     "FeatureShape": (FEATURE_SHAPES, FeatureShape, "evl_platform.models.decoder"),
-    "AnnotationFormat": (ANNOTATION_READERS, AnnotationFormat, "evl_platform.data.annotations"),
+    "AnnotationFormat": (
+        ANNOTATION_READERS,
+        AnnotationFormat,
+        "evl_platform.data.annotations.formats",
+    ),
     "VideoDecoder": (DECODERS, VideoDecoder, "evl_platform.data.decode"),
     "ModelArch": (MODEL_BUILDERS, ModelArch, "evl_platform.models.evl"),
 }

@@ -1,4 +1,4 @@
-"""``evl-platform bench data|step|infer|sweep``: the speed measurements."""
+"""``evl-platform bench data|step|infer|sweep|annotations``: the speed measurements."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from evl_platform.arguments import (
     add_workers_argument,
     positive_int,
 )
+from evl_platform.bench import annotations
 from evl_platform.config import ConfigError, load_config
 from evl_platform.config.schema import VideoDecoder
 
@@ -131,6 +132,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     sweep.add_argument("--json", action="store_true", help="print one JSON object")
     sweep.set_defaults(handler=_bench_sweep)
+    annotations.add_parser(actions)
 
 
 def _bench_data(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ registry entries list the same names, and each registry checks at import that th
 (:meth:`evl_platform.registry.Registry.check_names`), naming the file to edit when not:
 
 - ``FeatureShape``: ``FEATURE_SHAPES`` in ``evl_platform/models/decoder.py``;
-- ``AnnotationFormat``: ``ANNOTATION_READERS`` in ``evl_platform/data/annotations.py``;
+- ``AnnotationFormat``: ``ANNOTATION_READERS`` in ``evl_platform/data/annotations/formats.py``;
 - ``VideoDecoder``: ``DECODERS`` in ``evl_platform/data/decode.py``;
 - ``ModelArch``: ``MODEL_BUILDERS`` in ``evl_platform/models/evl.py``;
 - :data:`TemporalModuleSwitch` fields of :class:`DecoderConfig`: ``TEMPORAL_MODULES`` in

@@ -103,7 +103,8 @@ class FeatureDataset:
         refs = split_entries(cfg, split, annotations, files, reads=self.reads)
         self.entries = {(r.view, r.layer, r.kind): self._open(r) for r in refs}
         self.delivered, self.labels = self._item_tables()
-        self.video_ids = tuple(annotations.records[i].video_id for i in self.delivered)
+        ids = annotations.records.video_ids  # a compact column: no record or Path made
+        self.video_ids = tuple(ids[i] for i in self.delivered)
 
     def __len__(self) -> int:
         return len(self.labels)

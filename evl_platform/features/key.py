@@ -2,7 +2,8 @@
 
 One cache entry holds one tensor kind (``out``, or ``attn``: T-CA's attention maps between
 adjacent frames) of one backbone block for one view of every video of a split. Its key is the
-sha256 of a readable dict of everything that changes those numbers: the dataset files, the
+sha256 of a readable dict of everything that changes those numbers: the dataset files (their
+identity computed once per dataset, :mod:`evl_platform.features.identity`), the
 backbone and its weights, the clip sampling and decoding, the view set and view index, the
 block, the kind and the storage dtype. Variants that read other blocks or toggle T-CA
 therefore share the entries they have in common. :func:`extraction_identity` names, from the
@@ -13,17 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Literal
 
 from evl_platform.config import DataConfig, ExperimentConfig, TestViewsConfig
 from evl_platform.config.schema import is_weights_path
 from evl_platform.data.annotations import Annotations
 from evl_platform.data.source import DatasetFiles, Split, image_size
+from evl_platform.features.identity import dataset_identity, file_sha256, sidecar_dir
 from evl_platform.models.backbone import backbone_spec
 from evl_platform.models.evl import feature_block_indices
 from evl_platform.models.temporal import enabled_temporal_modules
@@ -150,8 +149,11 @@ def entry_ref(base: dict[str, Any], *, view: int, layer: int, kind: TensorKind) 
 def split_inputs(
     cfg: ExperimentConfig, split: Split, annotations: Annotations, files: DatasetFiles
 ) -> dict[str, Any]:
-    """Key inputs shared by all entries of a split: :func:`config_inputs` and the dataset."""
-    return {**config_inputs(cfg, split), "dataset": dataset_identity(annotations, files)}
+    """Key inputs shared by all entries of a split: :func:`config_inputs` and the dataset's
+    identity (:func:`~evl_platform.features.identity.dataset_identity`, kept in a sidecar
+    under :func:`~evl_platform.features.identity.sidecar_dir`)."""
+    identity = dataset_identity(annotations, files, sidecar_dir=sidecar_dir())
+    return {**config_inputs(cfg, split), "dataset": identity}
 
 
 def config_inputs(cfg: ExperimentConfig, split: Split) -> dict[str, Any]:
@@ -192,45 +194,3 @@ def weights_identity(cfg: ExperimentConfig) -> str:
     if is_weights_path(backbone.pretrained):
         return f"sha256:{file_sha256(backbone.pretrained)}"
     return f"open_clip:{backbone.name}:{backbone.pretrained}"
-
-
-def dataset_identity(annotations: Annotations, files: DatasetFiles) -> dict[str, Any]:
-    """The split's annotation and label-map bytes, and every listed video's path, label, size
-    and modification time (a missing video contributes ``missing``)."""
-    videos = hashlib.sha256()
-    for record in annotations.records:
-        line = [record.video_id, str(record.path), record.label, _stat_identity(record.path)]
-        videos.update(json.dumps(line).encode() + b"\n")
-    return {
-        "format": files.format,
-        "root": str(files.root) if files.root else None,
-        "annotations": str(annotations.source),
-        "annotations_sha256": file_sha256(annotations.source),
-        "label_map_sha256": file_sha256(files.label_map) if files.label_map else None,
-        "video_extension": files.video_extension,
-        "num_videos": len(annotations.records),
-        "videos_sha256": videos.hexdigest(),
-    }
-
-
-def _stat_identity(path: Path) -> list[int] | str:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return "missing"
-    return [stat.st_size, stat.st_mtime_ns]
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (memoised per path, size and modification time)."""
-    stat = os.stat(path)
-    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@lru_cache(maxsize=64)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
