@@ -103,10 +103,7 @@ def train(cfgs: dict[str, ExperimentConfig], device: torch.device) -> dict[str, 
     recorders = {key: Recorder() for key in cfgs}
     members = []
     for key, model in built.models.items():
-        if len(cfgs) == 1:
-            rng = None
-        else:
-            rng = built.rngs[key]
+        rng = None if len(cfgs) == 1 else built.rngs[key]  # alone: the run's own RNG
         optimization = Optimization.create(model, cfgs[key].train, device)
         members.append(Member(key, EVLForward(model), optimization, [recorders[key]], rng=rng))
     fit_members(members, source, lead.train, shared=built.shared, select=built.select)
@@ -118,7 +115,8 @@ def differences(alone: Recorder, packed: Recorder, tolerance: float) -> list[str
     problems = []
     if len(alone.losses) != len(packed.losses):
         return [f"{len(alone.losses)} steps alone, {len(packed.losses)} packed"]
-    pairs = [(f"loss@{i + 1}", a, p) for i, (a, p) in enumerate(zip(alone.losses, packed.losses))]
+    steps = zip(alone.losses, packed.losses, strict=True)
+    pairs = [(f"loss@{i + 1}", a, p) for i, (a, p) in enumerate(steps)]
     pairs += [(name, alone.last.get(name), packed.last.get(name)) for name in METRICS]
     for name, a, p in pairs:
         if a is None or p is None or abs(a - p) > tolerance * max(abs(a), 1e-6):
