@@ -72,6 +72,8 @@ def write_video(
         raise ValueError(f"yuv420p needs an even frame size, got {width}x{height}")
     spec = CODECS[codec]
     options = {"movflags": "faststart"} if faststart and spec.container == "mp4" else {}
+    if spec.container == "webm":
+        options["fflags"] = "+bitexact"  # else the muxer writes a random segment UID
     encoder_options = dict(spec.options)
     if crf is not None:
         encoder_options["crf"] = str(crf)
