@@ -88,7 +88,8 @@ import yaml
 source = Path("ablations/temporal_modules.yaml").resolve()
 spec = yaml.safe_load(source.read_text())
 spec["experiments"] = {k: str((source.parent / v).resolve()) for k, v in spec["experiments"].items()}
-spec["profiles"]["rehearsal"] = {"resources": {"num_workers": 1, "use_gpu": True, "cpus_per_worker": 4}}
+rehearsal = spec["profiles"]["rehearsal"]
+rehearsal["resources"] = {"num_workers": 1, "use_gpu": True, "cpus_per_worker": 4}
 Path(sys.argv[1]).write_text(yaml.safe_dump(spec, sort_keys=False))
 EOF
   echo "$DIR/temporal_modules_gpu.yaml"
