@@ -17,15 +17,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-# cuBLAS picks its reduction order per workspace: fixed so two runs of one shape agree
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+import torch
 
-import torch  # noqa: E402
-
-from evl_platform.config import ExperimentConfig, apply_overrides, load_config  # noqa: E402
-from evl_platform.data.synth import SynthParams, generate  # noqa: E402
-from evl_platform.train.inputs import create_source  # noqa: E402
-from evl_platform.train.loop import (  # noqa: E402
+from evl_platform.config import ExperimentConfig, apply_overrides, load_config
+from evl_platform.data.synth import SynthParams, generate
+from evl_platform.train.inputs import create_source
+from evl_platform.train.loop import (
     Callback,
     EVLForward,
     Member,
@@ -34,7 +31,7 @@ from evl_platform.train.loop import (  # noqa: E402
     StepResult,
     fit_members,
 )
-from evl_platform.train.pack import build_pack  # noqa: E402
+from evl_platform.train.pack import build_pack
 
 BATCH = 4
 STEPS = 6
@@ -133,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("SKIP pack parity: no CUDA device")
         return 0
+    # cuBLAS picks its reduction order per workspace: fixed (before its first use) so that two
+    # runs of one shape agree
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
