@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from evl_platform.config.loader import PROFILES
+
 
 def add_set_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument(
@@ -20,7 +22,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--profile",
-        choices=("local", "paper"),
+        choices=PROFILES,
         default=None,
         help="profile overlay to apply (default: the file's `profile`, else local)",
     )
@@ -76,7 +78,8 @@ def add_ablation_arguments(parser: argparse.ArgumentParser) -> None:
         "--profile",
         default=None,
         metavar="NAME",
-        help="experiment profile: local (stand-ins, tiny backbone; default) or paper",
+        help="experiment profile: local (stand-ins, tiny backbone; default), rehearsal (the "
+        "paper's models and recipe, random init, real-size stand-in videos) or paper",
     )
     parser.add_argument(
         "--max-concurrent",

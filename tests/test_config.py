@@ -78,7 +78,7 @@ def test_k400_32f_paper_recipe() -> None:
 
 
 def test_ssv2_recipe_has_no_flips_and_uniform_sampling() -> None:
-    for profile in ("local", "paper"):
+    for profile in ("local", "rehearsal", "paper"):
         cfg = load_config("experiments/ssv2_vitb16_8f.yaml", profile=profile)
         assert cfg.data.augment.horizontal_flip is False
         assert cfg.data.sampling == "uniform"
@@ -193,7 +193,7 @@ def test_override_paths_resolve_against_the_working_directory() -> None:
         ("=3", f"{K400}: --set =3: expected key=value"),
         ("a..b=1", f"{K400}: --set a..b=1: expected key=value"),
         ("profiles.local.seed=1", f"{K400}: --set profiles.local.seed=1: overlays cannot"),
-        ("profile=gpu", f"{K400}: profile: unknown profile 'gpu' (allowed: local, paper)"),
+        ("profile=gpu", f"{K400}: profile: unknown profile 'gpu' (allowed: local, rehearsal, paper)"),
     ],
 )
 def test_bad_override(override: str, expected: str) -> None:
@@ -202,7 +202,7 @@ def test_bad_override(override: str, expected: str) -> None:
 
 def test_unknown_profile_argument() -> None:
     message = _load_error(K400, profile="gpu")
-    assert message == f"{K400}: profile: unknown profile 'gpu' (allowed: local, paper)"
+    assert message == f"{K400}: profile: unknown profile 'gpu' (allowed: local, rehearsal, paper)"
 
 
 def test_parse_override() -> None:
@@ -323,7 +323,7 @@ BROKEN_CASES = {
     f"(set in {BROKEN}/wrong_type.yaml)",
     "bad_overlay": "data.num_frames: expected int >= 1, got 0 "
     f"(set in {BROKEN}/bad_overlay.yaml, profiles.local)",
-    "unknown_profile": "profiles: unknown profile 'gpu' (allowed: local, paper)",
+    "unknown_profile": "profiles: unknown profile 'gpu' (allowed: local, rehearsal, paper)",
     "missing_base": f"base: file not found: {BROKEN}/nope.yaml",
 }
 

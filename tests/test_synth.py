@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import decord
@@ -352,3 +352,78 @@ def test_encoding_the_same_frames_twice_gives_the_same_bytes(tmp_path: Path) -> 
         write_video(tmp_path / "a.mp4", frames, fps=8)
         write_video(tmp_path / "b.mp4", frames, fps=8)
         assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes(), seed
+
+
+def _keyframes(path: Path) -> list[int]:
+    """Indices of the keyframes of a video's stream, in decoding order."""
+    import av
+
+    with av.open(str(path)) as container:
+        packets = [p for p in container.demux(video=0) if p.size]
+        return [i for i, p in enumerate(packets) if p.is_keyframe]
+
+
+def test_vp9_webm_is_written_at_the_keyframe_interval_and_read_back_by_both_decoders(
+    tmp_path: Path,
+) -> None:
+    """SSv2-like stand-ins: VP9 in webm, decodable by decord and PyAV, same bytes twice."""
+    import av
+
+    frames, _ = synth_render.motion_clip("horizontal", np.random.default_rng(0), 24, 240, 426)
+    path = tmp_path / "clip.webm"
+    write_video(path, frames, fps=12, codec="vp9", keyframe_interval=8)
+    with av.open(str(path)) as container:
+        assert container.format.name.startswith("matroska,webm")
+        assert container.streams.video[0].codec_context.name == "vp9"
+        by_pyav = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    by_decord = decode(str(path))
+    assert by_decord.shape == by_pyav.shape == frames.shape
+    assert np.abs(by_decord.astype(float) - frames).mean() < 6
+    assert _keyframes(path) == [0, 8, 16]
+    write_video(tmp_path / "again.webm", frames, fps=12, codec="vp9", keyframe_interval=8)
+    assert (tmp_path / "again.webm").read_bytes() == path.read_bytes()
+
+
+def test_h264_keyframe_interval_is_the_one_asked_for(tmp_path: Path) -> None:
+    frames = synth_render.appearance_clip(0, np.random.default_rng(0), 30, 64, 96)
+    write_video(tmp_path / "a.mp4", frames, fps=25, keyframe_interval=12)
+    assert _keyframes(tmp_path / "a.mp4")[:3] == [0, 12, 24]
+    with pytest.raises(ValueError, match="codec"):
+        SynthParams(codec="av1")
+
+
+def test_a_webm_stand_in_is_generated_annotated_and_read_with_its_extension(
+    tmp_path: Path,
+) -> None:
+    params = SynthParams(
+        clips_per_class=1, val_clips_per_class=1, num_frames=8, codec="vp9", keyframe_interval=4
+    )
+    layout = ensure_synthetic("synthetic-motion", params, cache_dir=tmp_path, progress=False)
+    assert layout.video_extension == ".webm"
+    videos = sorted(layout.root.iterdir())
+    assert len(videos) == 20 and all(v.suffix == ".webm" for v in videos)
+    rows = read_entries(layout, "train")
+    assert all(Path(r["path"]).exists() for r in rows)
+    assert ensure_synthetic("synthetic-motion", params, cache_dir=tmp_path).directory == (
+        layout.directory
+    )
+
+
+def test_the_codec_and_keyframe_interval_name_their_own_cache_but_the_defaults_keep_the_old_one(
+    tmp_path: Path,
+) -> None:
+    """Stand-ins cached before the codec fields existed stay valid: the key of the default
+    parameters is the one generator version 7 always computed."""
+    import hashlib
+    import json
+
+    params = SynthParams()
+    before = {k: v for k, v in asdict(params).items() if k not in ("codec", "keyframe_interval")}
+    blob = json.dumps(["synthetic-motion", before, synth.GENERATOR_VERSION], sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    assert synthetic_dir("synthetic-motion", params, tmp_path).name == f"synthetic-motion-{key}"
+    keys = {
+        synthetic_dir("synthetic-motion", p, tmp_path)
+        for p in (params, replace(params, codec="vp9"), replace(params, keyframe_interval=12))
+    }
+    assert len(keys) == 3

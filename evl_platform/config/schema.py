@@ -26,7 +26,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Profile = Literal["local", "paper"]
+Profile = Literal["local", "rehearsal", "paper"]
 BackboneMode = Literal["frozen", "finetune"]
 BackboneDtype = Literal["float32", "float16", "bfloat16"]
 FeatureShape = Literal["spatiotemporal", "temporal_token", "temporal_avg", "spatial_avg"]
@@ -34,6 +34,7 @@ SamplingMode = Literal["dense", "uniform"]
 AnnotationFormat = Literal["evl_list", "kinetics_csv", "ssv2_json"]
 VideoDecoder = Literal["decord", "pyav", "torchcodec"]
 AmpDtype = Literal["none", "float16", "bfloat16"]
+VideoCodec = Literal["h264", "vp9"]
 ModelArch = Literal["evl", "cnn3d"]
 
 TEMPORAL_MODULE = "temporal module"
@@ -221,7 +222,13 @@ class SyntheticConfig(_Frozen):
         clips_per_class / val_clips_per_class: training / validation clips per class.
         video_frames: frames per generated video.
         width / height: video size in pixels (even numbers, for yuv420p H.264).
-        fps: frame rate written into the files.
+        fps: frame rate written into the files (a video lasts ``video_frames / fps`` seconds).
+        codec: ``h264`` (an mp4 file, as Kinetics is downloaded) or ``vp9`` (a webm file, as
+            Something-Something-v2 is distributed).
+        keyframe_interval: frames from one keyframe to the next (the encoder's GOP size);
+            ``None`` keeps the encoder's default (250 for x264, 128 for libvpx-vp9). Raw
+            YouTube-like Kinetics files have few keyframes, so decoding a clip from their
+            middle decodes from the keyframe before it.
         seed: generation seed; the same settings give byte-identical files.
     """
 
@@ -231,6 +238,8 @@ class SyntheticConfig(_Frozen):
     width: int = Field(128, ge=16, multiple_of=2)
     height: int = Field(96, ge=16, multiple_of=2)
     fps: int = Field(12, ge=1)
+    codec: VideoCodec = "h264"
+    keyframe_interval: int | None = Field(None, ge=1)
     seed: int = 0
 
 
@@ -348,7 +357,9 @@ class ExperimentConfig(_Frozen):
 
     Attributes:
         name: experiment name (defaults to the YAML file's stem).
-        profile: ``local`` (CPU, stand-ins, tiny backbone) or ``paper`` (GPUs, real data).
+        profile: ``local`` (CPU, stand-ins, tiny backbone), ``rehearsal`` (the paper's
+            architectures and recipe, random init, on real-size stand-in videos) or ``paper``
+            (GPUs, real data).
         seed: global seed of the run.
         profiles: per-profile overlays (nested mappings of the keys above), applied when that
             profile is selected; resolved away by the loader, so always empty after loading.

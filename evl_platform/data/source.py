@@ -46,6 +46,8 @@ def synth_params(s: SyntheticConfig) -> SynthParams:
         width=s.width,
         height=s.height,
         fps=s.fps,
+        codec=s.codec,
+        keyframe_interval=s.keyframe_interval,
         seed=s.seed,
     )
 

@@ -1,4 +1,5 @@
-"""Synthetic stand-in datasets: seeded H.264 mp4 clips with annotations in the real formats.
+"""Synthetic stand-in datasets: seeded H.264 mp4 (or VP9 webm) clips with annotations in the
+real formats.
 
 ``synthetic-motion`` stands in for Something-Something-v2 (SSv2 JSON): the class is a motion,
 in time-reversal pairs whose clips are the same frames in opposite order, so an order-blind
@@ -22,7 +23,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 from tqdm import tqdm
 
@@ -33,12 +33,15 @@ from evl_platform.data.synth_datasets import (
     SyntheticDataset,
     write_atomic,
 )
+from evl_platform.data.synth_encode import CODECS, Codec, write_video
 
 __all__ = [
     "GENERATOR_VERSION",
     "SYNTHETIC_DATASETS",
     "ClipEntry",
     "ClipJob",
+    "CODECS",
+    "Codec",
     "SynthParams",
     "SyntheticDataset",
     "SyntheticLayout",
@@ -62,6 +65,8 @@ class SynthParams:
         num_frames: frames per video.
         width / height: frame size in pixels (even numbers, for yuv420p).
         fps: frame rate written into the files.
+        codec: ``h264`` (mp4 files) or ``vp9`` (webm files), see :data:`CODECS`.
+        keyframe_interval: frames between keyframes; ``None`` keeps the encoder's default.
         seed: generation seed; the same parameters give byte-identical files.
     """
 
@@ -71,6 +76,8 @@ class SynthParams:
     width: int = 128
     height: int = 96
     fps: int = 12
+    codec: str = "h264"
+    keyframe_interval: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,6 +89,28 @@ class SynthParams:
             raise ValueError(
                 f"width and height must be even and >= 16, got {self.width}x{self.height}"
             )
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.keyframe_interval is not None and self.keyframe_interval < 1:
+            raise ValueError(f"keyframe_interval must be >= 1, got {self.keyframe_interval}")
+
+    @property
+    def extension(self) -> str:
+        """Suffix of the video files (``.mp4`` or ``.webm``)."""
+        return CODECS[self.codec].extension
+
+    def cache_key(self) -> dict[str, object]:
+        """The parameters that name the cache directory: every field, except that the fields
+        added after generator version 7 (``codec``, ``keyframe_interval``) enter only when they
+        differ from their defaults, so the stand-ins cached before they existed stay valid."""
+        key = asdict(self)
+        for name, default in _LATE_DEFAULTS.items():
+            if key[name] == default:
+                del key[name]
+        return key
+
+
+_LATE_DEFAULTS = {"codec": "h264", "keyframe_interval": None}
 
 
 @dataclass(frozen=True)
@@ -108,38 +137,6 @@ class SyntheticLayout:
     label_map: Path | None
     video_extension: str
     class_names: tuple[str, ...]
-
-
-def write_video(
-    path: Path, frames: np.ndarray, *, fps: int, crf: int = 18, faststart: bool = False
-) -> None:
-    """Encodes RGB frames as an H.264 mp4 (libx264, yuv420p, one thread, no macroblock-tree
-    rate control: byte-deterministic).
-
-    Args:
-        path: output file.
-        frames: (T, H, W, 3) uint8 RGB, H and W even.
-        fps: frame rate.
-        crf: x264 constant rate factor (lower is better quality).
-        faststart: put the moov atom at the front of the file.
-    """
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
-    height, width = frames.shape[1:3]
-    if height % 2 or width % 2:
-        raise ValueError(f"yuv420p needs an even frame size, got {width}x{height}")
-    options = {"movflags": "faststart"} if faststart else {}
-    with av.open(str(path), mode="w", format="mp4", options=options) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        # x264's mb-tree gave different bytes (and pixels) for about one clip in ten when the
-        # same frames were encoded twice, even with one thread
-        stream.options = {"crf": str(crf), "x264-params": "no-mbtree=1"}
-        stream.codec_context.thread_count = 1  # threaded x264 output depends on timing
-        for frame in frames:
-            image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            container.mux(stream.encode(image))
-        container.mux(stream.encode())  # flush
 
 
 def generate(
@@ -182,7 +179,7 @@ def generate(
         "num_videos": sum(len(job.entries) for job in jobs),
     }
     write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return _layout(dataset, out_dir)
+    return _layout(dataset, out_dir, params)
 
 
 def default_cache_dir() -> Path:
@@ -199,7 +196,7 @@ def synthetic_dir(dataset: str, params: SynthParams, cache_dir: Path | None = No
     ``key`` hashes the dataset name, every parameter and :data:`GENERATOR_VERSION`.
     """
     SYNTHETIC_DATASETS.get(dataset)
-    blob = json.dumps([dataset, asdict(params), GENERATOR_VERSION], sort_keys=True)
+    blob = json.dumps([dataset, params.cache_key(), GENERATOR_VERSION], sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:12]
     return Path(cache_dir or default_cache_dir()) / "synthetic" / f"{dataset}-{key}"
 
@@ -237,7 +234,7 @@ def ensure_synthetic(
         if target not in _ANNOUNCED:  # once per process, not on every lookup
             _ANNOUNCED.add(target)
             _say(f"using cached {dataset} stand-in at {target}")
-        return _layout(dataset, target)
+        return _layout(dataset, target, params)
     count = len(SYNTHETIC_DATASETS.get(dataset).class_names) * (
         params.clips_per_class + params.val_clips_per_class
     )
@@ -259,7 +256,7 @@ def ensure_synthetic(
         if not _is_complete(target):
             raise RuntimeError(f"{target} exists but has no {MANIFEST}; delete it") from err
         _say(f"another process finished {target} first; using it")
-    return _layout(dataset, target)
+    return _layout(dataset, target, params)
 
 
 # --- generation machinery ----------------------------------------------------------------------
@@ -278,7 +275,7 @@ def _is_complete(directory: Path) -> bool:
         return False
 
 
-def _layout(dataset: str, directory: Path) -> SyntheticLayout:
+def _layout(dataset: str, directory: Path, params: SynthParams) -> SyntheticLayout:
     spec = SYNTHETIC_DATASETS.get(dataset)
     return SyntheticLayout(
         dataset=dataset,
@@ -288,7 +285,7 @@ def _layout(dataset: str, directory: Path) -> SyntheticLayout:
         train_annotations=directory / spec.train_file,
         val_annotations=directory / spec.val_file,
         label_map=directory / spec.label_map_file if spec.label_map_file else None,
-        video_extension=".mp4",
+        video_extension=params.extension,
         class_names=spec.class_names,
     )
 
@@ -297,9 +294,14 @@ def _render_job(dataset: str, params: SynthParams, job: ClipJob, videos: Path) -
     """Renders one job and writes its video(s); returns the placeholders (runs in a worker)."""
     spec = SYNTHETIC_DATASETS.get(dataset)
     frames, placeholders = spec.render(job, np.random.default_rng(job.seed), params)
-    write_video(videos / job.entry.file_name, frames, fps=params.fps)
+    encoding = {
+        "fps": params.fps,
+        "codec": params.codec,
+        "keyframe_interval": params.keyframe_interval,
+    }
+    write_video(videos / job.entry.file_name, frames, **encoding)
     if job.twin is not None:
-        write_video(videos / job.twin.file_name, frames[::-1], fps=params.fps)
+        write_video(videos / job.twin.file_name, frames[::-1], **encoding)
     return tuple(placeholders)
 
 

@@ -152,7 +152,7 @@ def _plan_motion(params: SynthParams) -> list[ClipJob]:
         for pair in range(len(_MOTION_PAIRS)):
             for index in range(count):
                 first, second = (
-                    ClipEntry(str(i), f"{i}.mp4", 2 * pair + k, split)
+                    ClipEntry(str(i), f"{i}{params.extension}", 2 * pair + k, split)
                     for k, i in enumerate((next_id, next_id + 1))
                 )
                 seed = (params.seed, 2 * pair, split, index)
@@ -222,7 +222,7 @@ def _plan_appearance(params: SynthParams) -> list[ClipJob]:
         for label in range(len(render.APPEARANCE_CLASSES)):
             for index in range(count):
                 youtube_id, start = _kinetics_id(params.seed, label, split, index)
-                name = f"{youtube_id}_{start:06d}_{start + 10:06d}.mp4"
+                name = f"{youtube_id}_{start:06d}_{start + 10:06d}{params.extension}"
                 entry = ClipEntry(youtube_id, name, label, split, (start, start + 10))
                 jobs.append(ClipJob((params.seed, label, split, index), entry, index=index))
     return jobs
