@@ -17,11 +17,11 @@ from evl_platform.data.synth import SyntheticLayout
 from evl_platform.train.inputs import create_source
 from evl_platform.train.loop import (
     Callback,
-    EVLForward,
     Member,
     Optimization,
     Report,
     StepResult,
+    create_forward,
     fit,
     fit_members,
 )
@@ -92,7 +92,7 @@ def _alone(cfg: ExperimentConfig) -> Recorder:
     source, _, _ = create_source(cfg, rank=0, world=1, batch=4, device=CPU)
     recorder = Recorder()
     fit(
-        EVLForward(model),
+        create_forward(model, device=CPU),
         source,
         cfg.train,
         optimization=Optimization.create(model, cfg.train, CPU),
@@ -121,7 +121,13 @@ def _packed(cfgs: dict[str, ExperimentConfig], poison: str | None = None) -> dic
                 model.head.fc.weight.fill_(math.nan)
         optimization = Optimization.create(model, cfgs[key].train, CPU)
         members.append(
-            Member(key, EVLForward(model), optimization, [recorders[key]], rng=built.rngs[key])
+            Member(
+                key,
+                create_forward(model, device=CPU),
+                optimization,
+                [recorders[key]],
+                rng=built.rngs[key],
+            )
         )
     fit_members(members, source, lead.train, shared=built.shared, select=built.select)
     for member in members:

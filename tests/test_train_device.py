@@ -286,3 +286,12 @@ def test_the_time_steps_wait_for_their_batches_is_logged() -> None:
     assert delay * 0.9 < waited < delay * 3  # seconds per step, not summed over the window
     quick = _fit(_Source(), num_steps=2, log_every=2, eval_every=2, checkpoint_every=2)
     assert 0 <= quick.metrics[names.DATA_WAIT] < delay / 2
+
+
+def test_ray_report_spreads_step_time_over_the_workers_it_is_built_for() -> None:
+    from evl_platform.train.loop import Report
+    from evl_platform.train.worker import RayReport
+
+    report = RayReport([], {}, {}, rank=0, world=2, video_ids=[], class_names=[])
+    last = Report(step=4, metrics={}, checkpoint=True, last=True, device_seconds=10.0)
+    assert report.timings({"": last})[names.TIME_TRAIN] == pytest.approx(5.0)
