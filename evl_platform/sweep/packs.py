@@ -172,17 +172,22 @@ class _Budget:
 
     def plan(self, groups: Sequence[Sequence[Trial]]) -> str:
         """What the packing printed about memory: each pack's estimate and the budget."""
-        if self.pack_size is not None or not any(len(g) > 1 for g in groups):
+        if not any(len(g) > 1 for g in groups):
             return ""
         gib = 1024**3
+        budget = self.worker_memory() * MEMORY_SHARE
+        sizing = "sweep.pack_size" if self.pack_size is not None else "the estimate"
         lines = [
             f"memory plan: {self.worker_memory() / gib:.1f} GiB per worker ({self.source}), "
-            f"a pack's estimate may fill {MEMORY_SHARE:.0%}"
+            f"a pack's estimate may fill {MEMORY_SHARE:.0%}; packs sized by {sizing}"
         ]
         for group in groups:
             if len(group) > 1:
                 estimate = self.estimate(group)
-                lines.append(f"  pack of {len(group)} ({group[0].key} ...): {estimate.render()}")
+                over = " (over the budget)" if estimate.total > budget else ""
+                lines.append(
+                    f"  pack of {len(group)} ({group[0].key} ...): {estimate.render()}{over}"
+                )
         return "\n".join(lines)
 
 
