@@ -23,7 +23,10 @@ from mlflow.tracking import MlflowClient
 from evl_platform.cli import SWEEP_STOPPED, TRAIN_STOPPED, main
 from evl_platform.data.synth import SyntheticLayout
 from evl_platform.runtime.session import Terminated, received_sigterm, stop_on_sigterm
+from evl_platform.sweep.plan import SweepPlan
+from evl_platform.sweep.runs import SweepParent
 from evl_platform.tracking import names
+from evl_platform.tracking.client import Tracker
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -116,8 +119,14 @@ def test_sigterm_stops_training_like_ctrl_c_and_resume_finishes_the_run(
     assert _steps(tmp_path, run.info.run_id, names.TRAIN_LOSS) == list(range(4, 41, 4))
 
 
-def _terminate_self(*args: object, **kwargs: object) -> None:
-    """Stands in for the sweep's trials: the driver gets SIGTERM while they run."""
+def _terminate_self(
+    planned: SweepPlan, tracker: Tracker, parent: SweepParent, *args: object
+) -> None:
+    """Stands in for the sweep's trials: one trial's run is open when the driver gets
+    SIGTERM."""
+    tags = {names.TAG_KIND: names.KIND_TRAIN, names.TAG_TRIAL: "none-ssv2-seed0"}
+    spec = planned.ablation.spec
+    tracker.create_run(spec.name, run_name="trial", tags=tags, parent_run_id=parent.run_id)
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(30)
     raise AssertionError("SIGTERM did not stop the sweep")
@@ -155,6 +164,7 @@ def test_sigterm_stops_a_sweep_with_its_parent_run_killed(
     assert code == 143
     err = capsys.readouterr().err  # MLflow's INFO lines on creating the store come first
     assert err.splitlines()[-1] == f"stopped by SIGTERM: {SWEEP_STOPPED}" and "Traceback" not in err
-    [parent] = _runs(tmp_path)
-    assert parent.info.status == "KILLED"
+    runs = {run.info.run_name: run.info.status for run in _runs(tmp_path)}
+    assert len(runs) == 2 and runs.pop("trial") == "KILLED"  # its trainer died with the driver
+    assert list(runs.values()) == ["KILLED"]  # the parent
     assert signal.getsignal(signal.SIGTERM) is before

@@ -135,11 +135,19 @@ def run_sweep(source: str | Path | SweepPlan, options: SweepOptions | None = Non
             outcome.seconds = time.monotonic() - began
             status = names.STATUS_FAILED if outcome.failed else names.STATUS_FINISHED
             return outcome
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see ray_session)
             status = names.STATUS_KILLED
+            _kill_open_trials(tracker, spec.name, parent)
             raise
         finally:
             tracker.terminate(parent.run_id, status)
+
+
+def _kill_open_trials(tracker: Tracker, experiment: str, parent: SweepParent) -> None:
+    """Marks the trial runs still RUNNING as KILLED: their trainers die with the driver and
+    cannot. ``--resume`` continues them from their checkpoints whatever their status."""
+    for run in trial_runs(tracker, experiment, parent.run_id).values():
+        tracker.terminate_open(run.info.run_id, names.STATUS_KILLED)
 
 
 def _check_storage(trials: Sequence[Trial], storage: str, uri: str) -> None:
