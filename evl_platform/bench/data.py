@@ -90,7 +90,7 @@ class DataBench:
                 "(full loader / worker processes)",
                 f"  ratio            {self.ratio:8.2f}  ({verdict} the {TARGET_RATIO} target)",
                 f"  per clip, 1 core decode {self.decode_ms:.2f} ms, "
-                f"sample + transform {self.transform_ms:.2f} ms",
+                f"sample + transform {self.transform_ms:.2f} ms (CPU time)",
             ]
         )
 
@@ -139,25 +139,26 @@ def _loader_rate(dataset: VideoDataset, workers: int, batch_size: int, epoch: in
 
 
 def _per_clip_ms(dataset: VideoDataset, indices: list[int]) -> tuple[float, float]:
-    """Single-process decode and transform cost per clip."""
+    """Single-process decode and transform CPU time per clip (CPU time rather than wall time,
+    so that other jobs on the machine do not inflate it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     decode = transform = 0.0
     for index in indices:
         rng = np.random.default_rng([dataset.seed, 0, index])
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         views = decode_views(
             dataset.records[index].path,
             lambda n, rng=rng: dataset.sampler(n, rng),
             decoder=dataset.decoder,
             short_side=dataset.short_side,
         )
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         if dataset.train:
             dataset.transform(views[0], rng)
         else:
             [dataset.transform(v) for v in views]
-        decode, transform = decode + t1 - t0, transform + time.perf_counter() - t1
+        decode, transform = decode + t1 - t0, transform + time.process_time() - t1
     torch.set_num_threads(threads)
     return 1000 * decode / len(indices), 1000 * transform / len(indices)
 
@@ -239,7 +240,7 @@ class DecoderTable:
             f"{first.clips} clips of {shape}, {first.workers} worker(s), decoded at short side "
             f"{size})",
             f"  machine     {first.machine}",
-            "  decoder       raw clips/s  loader clips/s  ratio  per core  decode ms/clip",
+            "  decoder       raw clips/s  loader clips/s  ratio  per core  decode CPU ms/clip",
         ]
         for r in self.results:
             lines.append(
