@@ -63,7 +63,7 @@ def test_known_bad_videos_and_workers_last_the_run(
     tmp_path: Path, appearance_small: SyntheticLayout
 ) -> None:
     """A video found bad in epoch 0 is skipped unopened later, even once the file is fixed,
-    and every epoch and validation is served by the same worker processes."""
+    and every epoch is served by the same worker processes."""
     good = _good_paths(tmp_path, appearance_small)[:8]
     broken = tmp_path / "broken.mp4"
     broken.write_text("not a video\n" * 10)

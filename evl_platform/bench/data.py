@@ -116,10 +116,16 @@ def _raw_decode(task: tuple[str, int, int, tuple]) -> int:
     return sum(len(v) for v in views)
 
 
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
 def _raw_rate(dataset: VideoDataset, indices: list[int], workers: int, epoch: int) -> float:
     context = (dataset.sampler, dataset.seed, dataset.decoder, dataset.short_side)
     tasks = [(str(dataset.records[i].path), i, epoch, context) for i in indices]
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    # one intra-op thread per process, as in loader workers (and no OpenMP pool inherited
+    # through fork: torch ops in a forked child would wait on the parent's threads)
+    with concurrent.futures.ProcessPoolExecutor(workers, initializer=_one_thread) as pool:
         list(pool.map(_raw_decode, tasks[: workers * 2]))  # start the processes
         start = time.perf_counter()
         list(pool.map(_raw_decode, tasks, chunksize=8))
