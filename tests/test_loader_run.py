@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import shutil
 from pathlib import Path
@@ -11,8 +12,10 @@ import pytest
 import torch
 from conftest import layout_data, listing_data, write_bad_videos, write_config
 
+from evl_platform.cli import main
 from evl_platform.data.dataset import TooManyBadVideos, VideoLoader, decode_short_side
-from evl_platform.data.decode import read_clip
+from evl_platform.data.decode import DECODER_MODULES, read_clip
+from evl_platform.data.errors import DataSourceError
 from evl_platform.data.source import create_dataset, read_splits
 from evl_platform.data.synth import SyntheticLayout, write_video
 from evl_platform.data.transforms import resize_short_side
@@ -60,7 +63,7 @@ def test_known_bad_videos_and_workers_last_the_run(
     tmp_path: Path, appearance_small: SyntheticLayout
 ) -> None:
     """A video found bad in epoch 0 is skipped unopened later, even once the file is fixed,
-    and every epoch and validation is served by the same worker processes."""
+    and every epoch is served by the same worker processes."""
     good = _good_paths(tmp_path, appearance_small)[:8]
     broken = tmp_path / "broken.mp4"
     broken.write_text("not a video\n" * 10)
@@ -166,3 +169,34 @@ def test_decoders_scale_to_the_short_side(decoder: str, tmp_path: Path) -> None:
     assert diff < 12
     [native] = read_clip(video, choose, decoder=decoder, short_side=200)
     assert np.array_equal(native, full)
+
+
+def test_a_decoder_that_cannot_be_imported_is_one_clear_error(
+    tmp_path: Path, appearance_small: SyntheticLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(DECODER_MODULES, "torchcodec", "evl_platform_no_such_module")
+    cfg = write_config(
+        tmp_path / "e.yaml", layout_data(appearance_small, sampling="dense", decoder="torchcodec")
+    )
+    with pytest.raises(DataSourceError, match=r"^data.decoder: torchcodec cannot be used here"):
+        create_dataset(cfg, read_splits(cfg.data)["train"], train=True)
+
+
+def test_bench_data_compares_every_installed_decoder(
+    tmp_path: Path, appearance_small: SyntheticLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bench.yaml"
+    write_config(config, layout_data(appearance_small, sampling="dense", stride=2))
+    args = ["bench", "data", str(config), "--clips", "8", "--workers", "1"]
+    assert main([*args, "--decoder", "all", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    usable = {"decord", "pyav"} | (
+        {"torchcodec"} if "torchcodec" not in table["unusable"] else set()
+    )
+    assert {r["decoder"] for r in table["results"]} == usable
+    for result in table["results"]:
+        assert result["decode_short_side"] == 38  # 32 px crops from random resized crop
+        assert result["clips_per_s_per_core"] == pytest.approx(result["loader_clips_per_s"])
+    assert main([*args, "--decoder", "pyav", "--native-size"]) == 0
+    printed = capsys.readouterr().out
+    assert "pyav at native size" in printed and "per core" in printed

@@ -90,7 +90,7 @@ class DataBench:
                 "(full loader / worker processes)",
                 f"  ratio            {self.ratio:8.2f}  ({verdict} the {TARGET_RATIO} target)",
                 f"  per clip, 1 core decode {self.decode_ms:.2f} ms, "
-                f"sample + transform {self.transform_ms:.2f} ms",
+                f"sample + transform {self.transform_ms:.2f} ms (CPU time)",
             ]
         )
 
@@ -116,10 +116,16 @@ def _raw_decode(task: tuple[str, int, int, tuple]) -> int:
     return sum(len(v) for v in views)
 
 
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
 def _raw_rate(dataset: VideoDataset, indices: list[int], workers: int, epoch: int) -> float:
     context = (dataset.sampler, dataset.seed, dataset.decoder, dataset.short_side)
     tasks = [(str(dataset.records[i].path), i, epoch, context) for i in indices]
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    # one intra-op thread per process, as in loader workers (and no OpenMP pool inherited
+    # through fork: torch ops in a forked child would wait on the parent's threads)
+    with concurrent.futures.ProcessPoolExecutor(workers, initializer=_one_thread) as pool:
         list(pool.map(_raw_decode, tasks[: workers * 2]))  # start the processes
         start = time.perf_counter()
         list(pool.map(_raw_decode, tasks, chunksize=8))
@@ -139,25 +145,26 @@ def _loader_rate(dataset: VideoDataset, workers: int, batch_size: int, epoch: in
 
 
 def _per_clip_ms(dataset: VideoDataset, indices: list[int]) -> tuple[float, float]:
-    """Single-process decode and transform cost per clip."""
+    """Single-process decode and transform CPU time per clip (CPU time rather than wall time,
+    so that other jobs on the machine do not inflate it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     decode = transform = 0.0
     for index in indices:
         rng = np.random.default_rng([dataset.seed, 0, index])
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         views = decode_views(
             dataset.records[index].path,
             lambda n, rng=rng: dataset.sampler(n, rng),
             decoder=dataset.decoder,
             short_side=dataset.short_side,
         )
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         if dataset.train:
             dataset.transform(views[0], rng)
         else:
             [dataset.transform(v) for v in views]
-        decode, transform = decode + t1 - t0, transform + time.perf_counter() - t1
+        decode, transform = decode + t1 - t0, transform + time.process_time() - t1
     torch.set_num_threads(threads)
     return 1000 * decode / len(indices), 1000 * transform / len(indices)
 
@@ -239,7 +246,7 @@ class DecoderTable:
             f"{first.clips} clips of {shape}, {first.workers} worker(s), decoded at short side "
             f"{size})",
             f"  machine     {first.machine}",
-            "  decoder       raw clips/s  loader clips/s  ratio  per core  decode ms/clip",
+            "  decoder       raw clips/s  loader clips/s  ratio  per core  decode CPU ms/clip",
         ]
         for r in self.results:
             lines.append(
