@@ -66,7 +66,7 @@ def test_identity_is_computed_once_then_checked_without_a_stat_per_video(
     assert video_stats == []
     # the stored identity is the one computed from the files: caches keep their keys
     files = resolve_files(dataset.data, progress=False)
-    assert compute_identity(read_splits(dataset.data)["train"], files)[0] == first
+    assert compute_identity(read_splits(dataset.data)["train"], files) == first
     assert len(list(sidecar_dir().glob("*.json"))) == 1
 
 

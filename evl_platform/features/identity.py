@@ -54,36 +54,30 @@ def dataset_identity(
         sidecar_dir: the folder of sidecar files; ``None`` computes without one.
     """
     if sidecar_dir is None:
-        return compute_identity(annotations, files)[0]
+        return compute_identity(annotations, files)
     path = sidecar_dir / f"{sidecar_name(annotations, files)}.json"
     stored = _load(path)
     if stored is not None and stored.get("listing") == stat_listing(stored["listing"]):
         return stored["identity"]
-    identity, folders = compute_identity(annotations, files)
+    table = annotations.records
+    folders = {os.path.dirname(table.path(i)) for i in range(len(table))}
     listed = [annotations.source, *([files.label_map] if files.label_map else []), *folders]
-    sidecar = {
-        "version": SIDECAR_VERSION,
-        "listing": stat_listing(str(p) for p in listed),
-        "identity": identity,
-    }
+    # the listing is taken first: a change while the videos are stat-ed shows at the next check
+    listing = stat_listing(str(p) for p in listed)
+    identity = compute_identity(annotations, files)
+    sidecar = {"version": SIDECAR_VERSION, "listing": listing, "identity": identity}
     _write_atomic(path, json.dumps(sidecar, separators=(",", ":")))
     return identity
 
 
-def compute_identity(
-    annotations: Annotations, files: DatasetFiles
-) -> tuple[dict[str, Any], set[str]]:
+def compute_identity(annotations: Annotations, files: DatasetFiles) -> dict[str, Any]:
     """The split's annotation and label-map bytes, and every listed video's path, label, size
-    and modification time (a missing video contributes ``missing``); and the folders that hold
-    the videos. One ``stat`` per video."""
+    and modification time (a missing video contributes ``missing``): one ``stat`` per video."""
     videos = hashlib.sha256()
-    folders: set[str] = set()
     for record in annotations.records:
-        path = str(record.path)
-        folders.add(os.path.dirname(path))
-        line = [record.video_id, path, record.label, _stat_identity(path)]
+        line = [record.video_id, str(record.path), record.label, _stat_identity(record.path)]
         videos.update(json.dumps(line).encode() + b"\n")
-    identity = {
+    return {
         "format": files.format,
         "root": str(files.root) if files.root else None,
         "annotations": str(annotations.source),
@@ -93,7 +87,6 @@ def compute_identity(
         "num_videos": len(annotations.records),
         "videos_sha256": videos.hexdigest(),
     }
-    return identity, folders
 
 
 def sidecar_name(annotations: Annotations, files: DatasetFiles) -> str:
