@@ -3,6 +3,7 @@ checked by the listing (annotation files and video folders), never a stat per vi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -32,7 +33,18 @@ def dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ExperimentConfig
         lines.append(f"{video} {i % 10}")
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(lines) + "\n")
-    return write_config(tmp_path / "exp.yaml", listing_data(listing, tmp_path))
+    cfg = write_config(tmp_path / "exp.yaml", listing_data(listing, tmp_path))
+    _settle(tmp_path)
+    return cfg
+
+
+def _settle(tmp_path: Path, *, folders_only: bool = False) -> None:
+    """Dates every folder (and file) a minute back: written well before anyone reads them."""
+    for path in [tmp_path, *tmp_path.rglob("*")]:
+        if folders_only and not path.is_dir():
+            continue
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - 60 * 10**9))
 
 
 def _identity(cfg: ExperimentConfig, split: str = "train") -> dict:
@@ -64,9 +76,17 @@ def test_identity_is_computed_once_then_checked_without_a_stat_per_video(
     for _ in range(3):  # every later trial and worker
         assert _identity(dataset) == first
     assert video_stats == []
-    # the stored identity is the one computed from the files: caches keep their keys
+    # the stored identity is the one computed from the files, as it always was (a sha256 of
+    # one JSON line per video): caches written before the sidecar keep their keys
     files = resolve_files(dataset.data, progress=False)
-    assert compute_identity(read_splits(dataset.data)["train"], files)[0] == first
+    train = read_splits(dataset.data)["train"]
+    assert compute_identity(train, files) == first
+    videos = hashlib.sha256()
+    for r in train.records:
+        stat = r.path.stat()
+        line = [r.video_id, str(r.path), r.label, [stat.st_size, stat.st_mtime_ns]]
+        videos.update(json.dumps(line).encode() + b"\n")
+    assert first["videos_sha256"] == videos.hexdigest()
     assert len(list(sidecar_dir().glob("*.json"))) == 1
 
 
@@ -116,3 +136,16 @@ def test_a_bad_or_unwritable_sidecar_only_costs_the_computation(
     video_stats.clear()
     assert _identity(dataset) == first
     assert len(video_stats) == VIDEOS
+
+
+def test_a_dataset_changing_while_its_identity_is_computed_is_not_stored(
+    dataset: ExperimentConfig, tmp_path: Path, video_stats: list[str]
+) -> None:
+    (tmp_path / "videos" / "part0" / "extra.txt").write_text("written just now")
+    first = _identity(dataset)
+    assert not sidecar_dir().exists() or not list(sidecar_dir().glob("*.json"))
+    _settle(tmp_path, folders_only=True)  # the videos are as they were
+    video_stats.clear()
+    assert _identity(dataset) == first and len(video_stats) == VIDEOS  # computed again, stored
+    video_stats.clear()
+    assert _identity(dataset) == first and video_stats == []

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +32,10 @@ from evl_platform.data.synth import default_cache_dir
 
 SIDECAR_VERSION = 1
 """Bump whenever what a sidecar holds, or how it is checked, changes."""
+
+CLOCK_SLACK_NS = 10**9
+"""A listed path modified this close to (or after) the start of a computation keeps the
+result from being stored (file-system clocks may lag the system clock by a tick)."""
 
 Listing = dict[str, list[int] | str]
 """Path -> ``[size, mtime_ns]``, or ``"missing"``."""
@@ -54,34 +59,39 @@ def dataset_identity(
         sidecar_dir: the folder of sidecar files; ``None`` computes without one.
     """
     if sidecar_dir is None:
-        return compute_identity(annotations, files)[0]
+        return compute_identity(annotations, files)
     path = sidecar_dir / f"{sidecar_name(annotations, files)}.json"
     stored = _load(path)
     if stored is not None and stored.get("listing") == stat_listing(stored["listing"]):
         return stored["identity"]
-    identity, folders = compute_identity(annotations, files)
+    began = time.time_ns() - CLOCK_SLACK_NS
+    identity, folders = _identity_and_folders(annotations, files)
     listed = [annotations.source, *([files.label_map] if files.label_map else []), *folders]
-    sidecar = {
-        "version": SIDECAR_VERSION,
-        "listing": stat_listing(str(p) for p in listed),
-        "identity": identity,
-    }
-    _write_atomic(path, json.dumps(sidecar, separators=(",", ":")))
+    listing = stat_listing(str(p) for p in listed)
+    # a folder changed while its videos were stat-ed: keep no sidecar, the next reader computes
+    if all(value == "missing" or value[1] < began for value in listing.values()):
+        sidecar = {"version": SIDECAR_VERSION, "listing": listing, "identity": identity}
+        _write_atomic(path, json.dumps(sidecar, separators=(",", ":")))
     return identity
 
 
-def compute_identity(
+def compute_identity(annotations: Annotations, files: DatasetFiles) -> dict[str, Any]:
+    """The split's annotation and label-map bytes, and every listed video's path, label, size
+    and modification time (a missing video contributes ``missing``): one ``stat`` per video."""
+    return _identity_and_folders(annotations, files)[0]
+
+
+def _identity_and_folders(
     annotations: Annotations, files: DatasetFiles
 ) -> tuple[dict[str, Any], set[str]]:
-    """The split's annotation and label-map bytes, and every listed video's path, label, size
-    and modification time (a missing video contributes ``missing``); and the folders that hold
-    the videos. One ``stat`` per video."""
+    """:func:`compute_identity`, and the folders that hold the videos."""
     videos = hashlib.sha256()
     folders: set[str] = set()
-    for record in annotations.records:
-        path = str(record.path)
+    table = annotations.records
+    for i in range(len(table)):
+        path = _path_str(table.path(i))
         folders.add(os.path.dirname(path))
-        line = [record.video_id, path, record.label, _stat_identity(path)]
+        line = [table.video_ids[i], path, int(table.labels[i]), _stat_identity(path)]
         videos.update(json.dumps(line).encode() + b"\n")
     identity = {
         "format": files.format,
@@ -94,6 +104,14 @@ def compute_identity(
         "videos_sha256": videos.hexdigest(),
     }
     return identity, folders
+
+
+def _path_str(path: str) -> str:
+    """``str(Path(path))`` (what identities have always hashed), without making a ``Path``
+    when ``path`` is already in that form: no empty or ``.`` part, no trailing slash."""
+    if "//" in path[1:] or "/./" in path or path.startswith("./") or path.endswith(("/", "/.")):
+        return str(Path(path))
+    return path
 
 
 def sidecar_name(annotations: Annotations, files: DatasetFiles) -> str:
