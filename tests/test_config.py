@@ -193,7 +193,10 @@ def test_override_paths_resolve_against_the_working_directory() -> None:
         ("=3", f"{K400}: --set =3: expected key=value"),
         ("a..b=1", f"{K400}: --set a..b=1: expected key=value"),
         ("profiles.local.seed=1", f"{K400}: --set profiles.local.seed=1: overlays cannot"),
-        ("profile=gpu", f"{K400}: profile: unknown profile 'gpu' (allowed: local, rehearsal, paper)"),
+        (
+            "profile=gpu",
+            f"{K400}: profile: unknown profile 'gpu' (allowed: local, rehearsal, paper)",
+        ),
     ],
 )
 def test_bad_override(override: str, expected: str) -> None:
