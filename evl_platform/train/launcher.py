@@ -251,7 +251,7 @@ def _fit(
     runs = {m["key"]: m["run_id"] for m in members}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"members": members},
+        train_loop_config={"members": members, "tracking_uri": tracker.uri},
         scaling_config=ScalingConfig(
             num_workers=options.num_workers,
             use_gpu=options.use_gpu,

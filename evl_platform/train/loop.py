@@ -365,6 +365,7 @@ class _Fit:
             amp=lead.amp,
             shared=self.shared,
             select=self.select,
+            batch_split=self.cfg.batch_split,
         )
         validations = {key: self.collective.gather(result) for key, result in local.items()}
         for key, result in validations.items():

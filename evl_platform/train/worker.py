@@ -36,6 +36,7 @@ from evl_platform.tracking.artifacts import (
     write_per_class,
     write_scores,
 )
+from evl_platform.tracking.system import start_system_metrics, stop_system_metrics
 from evl_platform.train.inputs import create_source
 from evl_platform.train.loop import (
     Callback,
@@ -306,6 +307,28 @@ def train_loop_per_worker(config: dict) -> None:
     if lead.train.batch_size % world:
         raise ValueError(f"train.batch_size {lead.train.batch_size} is not divisible by {world}")
 
+    # one system-metrics sampler per node (CPU, memory, GPUs) logs into every run it trains
+    monitor = None
+    if context.get_local_rank() == 0 and config.get("tracking_uri"):
+        monitor = start_system_metrics(
+            list(run_ids.values()), config["tracking_uri"], node_rank=context.get_node_rank()
+        )
+    try:
+        _train(cfgs, run_ids, device=device, rank=rank, world=world)
+    finally:
+        stop_system_metrics(monitor)
+
+
+def _train(
+    cfgs: Mapping[str, ExperimentConfig],
+    run_ids: Mapping[str, str],
+    *,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> None:
+    """Builds this worker's members and source, restores the checkpoint and trains."""
+    lead = next(iter(cfgs.values()))
     built = build_pack(cfgs, device=device, rank=rank)
     members = create_members(built, cfgs, device=device, world=world)
     step, states = _restore(members, cfgs, rank=rank)
