@@ -18,6 +18,7 @@ from evl_platform.data.dataset import TooManyBadVideos, VideoDataset
 from evl_platform.data.source import read_splits, resolve_files
 from evl_platform.data.synth import SyntheticLayout
 from evl_platform.features import (
+    FORMAT_VERSION,
     FeatureDataset,
     FeatureStats,
     FeatureStore,
@@ -229,7 +230,7 @@ def test_concurrent_runs_leave_one_complete_entry_each(
     key = _key_list(cfg)[0]  # the first entry FeatureDataset opens
     stale = store.begin(key)
     np.save(stale / "shard-000000000-000000001.npy", np.zeros((1, 8, 17, 32), np.float16))
-    (stale / "meta.json").write_text(json.dumps({"format_version": 1, "key": key}))
+    (stale / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "key": key}))
     assert not store.has(key)
     with pytest.raises(MissingFeatures, match=key[:12]):
         FeatureDataset(cfg, "train", store=store)

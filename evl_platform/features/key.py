@@ -27,8 +27,9 @@ from evl_platform.models.backbone import backbone_spec
 from evl_platform.models.evl import feature_block_indices
 from evl_platform.models.temporal import enabled_temporal_modules
 
-FORMAT_VERSION = 1
-"""Bump whenever what is stored for a key, or how, changes."""
+FORMAT_VERSION = 2
+"""Bump whenever what is stored for a key, or how, changes (2: the decoder scales frames to
+the size the transforms use, so features from full-size decoding are not reused)."""
 
 TensorKind = Literal["out", "attn"]
 SPLITS: tuple[Split, ...] = ("train", "val")
