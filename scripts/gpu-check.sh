@@ -2,8 +2,8 @@
 # What only a GPU can show, in one short run (about 8 minutes on one GPU): the rehearsal sweep
 # (ablations/temporal_modules.yaml, 2 packs of 8 ViT-B/16 decoders) on 1 GPU under float16 and
 # bfloat16 autocast, `bench step` and `bench infer` on ViT-B/16 (paper Tables 5 and 3, each
-# with its out-of-memory search for the largest batch), and a pack's "learns exactly as alone"
-# check on CUDA. Ends with one summary table: PASS/FAIL/SKIP and the key number per check.
+# with its out-of-memory search for the largest batch), a pack's "learns exactly as alone"
+# check on CUDA, and the training loop's device discipline (scripts/gpu_check_train.py). Ends with one summary table: PASS/FAIL/SKIP and the key number per check.
 #
 #   scripts/gpu-check.sh          # on a machine with a CUDA GPU
 #   scripts/gpu-check.sh --cpu    # the same checks on the CPU, minus the AMP sweeps (CPUs
@@ -127,6 +127,10 @@ else
   check pack-parity-cpu last \
     $PY scripts/gpu_pack_parity.py --device cpu --amp none
 fi
+
+# The training loop on the device: no host sync between logging steps (sync debug mode
+# "error"), and the CUDA RNG state saved and restored on the worker's own device.
+check train-loop-$TARGET last env PYTHONPATH=. $PY scripts/gpu_check_train.py
 
 echo
 echo "gpu-check summary ($MODE)"
