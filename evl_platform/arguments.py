@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from evl_platform.config.loader import PROFILES
+PROFILE_CHOICES = ("local", "rehearsal", "paper")
+"""``--profile`` values: the config's ``Profile`` names (this layer is below the config, so a
+test checks that the two lists agree)."""
 
 
 def add_set_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -22,7 +24,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--profile",
-        choices=PROFILES,
+        choices=PROFILE_CHOICES,
         default=None,
         help="profile overlay to apply (default: the file's `profile`, else local)",
     )

@@ -24,7 +24,12 @@ from evl_platform.inference import cli as inference_cli
 from evl_platform.inference.errors import InferenceError
 from evl_platform.report import cli as report_cli
 from evl_platform.runtime.cluster import SharedStorageError
-from evl_platform.runtime.session import EXIT_TERMINATED, Terminated, received_sigterm
+from evl_platform.runtime.session import (
+    EXIT_TERMINATED,
+    Terminated,
+    ray_session,
+    received_sigterm,
+)
 from evl_platform.sweep.spec import AblationError
 from evl_platform.train.errors import ResumeError
 
@@ -66,9 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble_cli.add_parser(commands)
     report_cli.add_parser(commands)
     inference_cli.add_parser(commands)
-    data_cli.add_parser(commands)
+    data_cli.add_parser(commands, prepare=_data_prepare)
     bench_cli.add_parser(commands)
     return parser
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    """``data prepare``: re-encodes the experiment's videos as Ray tasks (docs/data.md)."""
+    from evl_platform.data.prepare import encode_settings, prepare_dataset, render_report
+
+    cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
+    settings = encode_settings(
+        cfg, short_side=args.short_side, keyframe_interval=args.keyframe_interval
+    )
+    with ray_session(args.address):
+        report = prepare_dataset(cfg, args.out, settings)
+    print(render_report(report))
+    return 0
 
 
 def _add_sweep_command(commands: argparse._SubParsersAction) -> None:

@@ -349,3 +349,10 @@ def test_missing_file() -> None:
 def test_broken_files_all_have_a_case() -> None:
     stems = {path.stem for path in (ROOT / BROKEN).glob("*.yaml")}
     assert stems == set(BROKEN_CASES) | {"cycle_a", "cycle_b"}
+
+
+def test_the_profile_option_offers_exactly_the_config_profiles() -> None:
+    from evl_platform.arguments import PROFILE_CHOICES
+    from evl_platform.config.loader import PROFILES
+
+    assert PROFILE_CHOICES == PROFILES

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from evl_platform.arguments import add_config_arguments, add_workers_argument, positive_int
 from evl_platform.config import load_config
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
+def add_parser(
+    commands: argparse._SubParsersAction, *, prepare: Callable[[argparse.Namespace], int]
+) -> None:
+    """``data synth``, ``data check`` and ``data prepare``; ``prepare`` runs the last (it
+    needs a Ray session, which the layers above ``data`` provide)."""
     data = commands.add_parser("data", help="generate stand-in datasets, check video files")
     actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
@@ -76,10 +81,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.set_defaults(handler=_data_check)
-    _add_prepare_parser(actions)
+    _add_prepare_parser(actions, prepare)
 
 
-def _add_prepare_parser(actions: argparse._SubParsersAction) -> None:
+def _add_prepare_parser(
+    actions: argparse._SubParsersAction, handler: Callable[[argparse.Namespace], int]
+) -> None:
     prepare = actions.add_parser(
         "prepare",
         help="re-encode an experiment's videos once for fast decoding (Ray tasks)",
@@ -115,7 +122,7 @@ def _add_prepare_parser(actions: argparse._SubParsersAction) -> None:
         help="Ray cluster to attach to (default: $RAY_ADDRESS, else start Ray here); DIR and "
         "the videos must be on storage every node shares",
     )
-    prepare.set_defaults(handler=_data_prepare)
+    prepare.set_defaults(handler=handler)
 
 
 def _data_synth(args: argparse.Namespace) -> int:
@@ -149,17 +156,3 @@ def _data_check(args: argparse.Namespace) -> int:
     report.write_csv(args.out or f"data_check_{cfg.name}.csv")
     print(json.dumps(report.summary()) if args.json else render_report(report))
     return 1 if report.failed else 0
-
-
-def _data_prepare(args: argparse.Namespace) -> int:
-    from evl_platform.data.prepare import encode_settings, prepare_dataset, render_report
-    from evl_platform.runtime.session import ray_session
-
-    cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
-    settings = encode_settings(
-        cfg, short_side=args.short_side, keyframe_interval=args.keyframe_interval
-    )
-    with ray_session(args.address):
-        report = prepare_dataset(cfg, args.out, settings)
-    print(render_report(report))
-    return 0

@@ -372,6 +372,9 @@ class VideoLoader:
             pin_memory=pin_memory,
             worker_init_fn=_init_worker if num_workers else None,
             persistent_workers=num_workers > 0,
+            # its base seed comes from here, not from the process's torch RNG, whose draws
+            # belong to the model (dropout): a run draws the same whatever its loader does
+            generator=torch.Generator().manual_seed(dataset.seed * 1_000_003),
         )
 
     def __len__(self) -> int:

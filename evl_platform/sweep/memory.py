@@ -2,11 +2,12 @@
 
 One worker of a pack holds, at its peak (:func:`pack_memory_bytes`):
 
-- every member's training state: its trainable parameters, their gradients and AdamW's two
-  moments, float32 (and DDP's gradient buckets with several workers);
-- the activations of one member's step only, the largest member's: members step one after
-  another, and each step's graph is freed before the next member's (in the features' dtype,
-  on the step's chunk of ``ceil(per-worker batch / train.batch_split)`` clips);
+- every member's training state: its trainable parameters and AdamW's two moments, float32
+  (and DDP's gradient buckets with several workers);
+- one member's step only, the largest member's: members step one after another, and each
+  step's graph and gradients are freed before the next member's (activations in the
+  features' dtype, on the step's chunk of ``ceil(per-worker batch / train.batch_split)``
+  clips; its gradients, float32);
 - the shared backbone outputs kept for the batch: the blocks any member reads, in the dtype
   features are kept in (autocast's, else float32), and T-CA's maps for the blocks whose maps a
   member reads (float32: autocast runs the softmax in float32);
@@ -32,8 +33,9 @@ from evl_platform.config import ExperimentConfig
 
 FLOAT32 = 4
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-STATE_COPIES = 4
-"""float32 copies of each trainable parameter: the weight, its gradient, AdamW's two moments."""
+STATE_COPIES = 3
+"""float32 copies of each trainable parameter kept between steps: the weight and AdamW's two
+moments (a member's gradients live only during its own step, see ``train_step``)."""
 
 LAYER_TENSORS = 2
 """Feature-map-sized tensors one decoder layer keeps for its backward pass without temporal
@@ -64,9 +66,9 @@ class PackMemory:
     """A pack worker's estimated peak memory, by part (bytes).
 
     Attributes:
-        member_state: every member's parameters, gradients and AdamW state (float32).
-        activations: the largest member's step: activations kept for its backward pass and
-            the optimizer step's temporaries.
+        member_state: every member's parameters and AdamW state (float32).
+        activations: the largest member's step: activations kept for its backward pass, its
+            gradients and the optimizer step's temporaries.
         features: the shared backbone outputs kept per batch (blocks and T-CA maps).
         backbone_pass: the backbone's transient tensors of one block, and the pixels.
         backbone_weights: the frozen backbone's weights.
@@ -154,11 +156,11 @@ def pack_memory_bytes(
 
 def _step_bytes(shape: ModelShape, feature_map: int, dtype_bytes: int) -> int:
     """One member's step: kept activations for ``feature_map`` elements per layer (in the
-    features' dtype: autocast's, else float32), and the optimizer's temporaries (two float32
-    copies of its parameters, AdamW's foreach form)."""
+    features' dtype: autocast's, else float32), its gradients and the optimizer's
+    temporaries (float32 copies of its parameters)."""
     tensors = LAYER_TENSORS + MODULE_TENSORS * shape.temporal_modules
     kept = feature_map * dtype_bytes * tensors * max(1, shape.layers)
-    return kept + OPTIMIZER_COPIES * shape.trainable * FLOAT32
+    return kept + (1 + OPTIMIZER_COPIES) * shape.trainable * FLOAT32
 
 
 def model_shape(cfg: ExperimentConfig) -> ModelShape:

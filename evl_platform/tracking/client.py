@@ -49,7 +49,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
-def _store_uri(uri: str) -> str:
+def store_uri(uri: str) -> str:
     """The URI handed to MLflow: SQLite connections wait for the write lock."""
     if uri.startswith("sqlite:") and "timeout=" not in uri:
         return f"{uri}{'&' if '?' in uri else '?'}timeout={SQLITE_TIMEOUT_S}"
@@ -78,7 +78,7 @@ class Tracker:
 
     def __init__(self, uri: str | None = None) -> None:
         self.uri = resolve_tracking_uri(uri)
-        self.client = MlflowClient(_store_uri(self.uri))
+        self.client = MlflowClient(store_uri(self.uri))
 
     def experiment_id(self, name: str) -> str:
         """The id of experiment ``name``, created if needed (safe when two processes race)."""

@@ -42,13 +42,13 @@ def start_system_metrics(
     Returns:
         The monitor, for :func:`stop_system_metrics`.
     """
-    from evl_platform.tracking.client import _store_uri
+    from evl_platform.tracking.client import store_uri
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # per-run INFO lines
     ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
     monitor = _monitor_class()(
         ids,
-        _store_uri(tracking_uri),
+        store_uri(tracking_uri),
         interval_s=interval_s,
         node_id=f"node_{node_rank}" if node_rank else None,
     )
