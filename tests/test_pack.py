@@ -132,6 +132,8 @@ def _packed(cfgs: dict[str, ExperimentConfig], poison: str | None = None) -> dic
     fit_members(members, source, lead.train, shared=built.shared, select=built.select)
     for member in members:
         recorders[member.key].failure = member.failure  # type: ignore[attr-defined]
+        trainable = [p for p in member.net.parameters() if p.requires_grad]
+        recorders[member.key].holds_grads = any(p.grad is not None for p in trainable)  # type: ignore[attr-defined]
     return recorders
 
 
@@ -154,6 +156,8 @@ def test_a_pack_trains_each_member_as_it_trains_alone_online_with_augmentation(
     for key, cfg in cfgs.items():
         _assert_same(_alone(cfg), packed[key])
     assert packed["t_conv"].losses != packed["t_ca"].losses
+    # a pack holds one member's gradients at a time: each member's are freed after its update
+    assert not any(r.holds_grads for r in packed.values())  # type: ignore[attr-defined]
 
 
 def test_a_pack_trains_each_member_as_it_trains_alone_on_the_feature_cache(

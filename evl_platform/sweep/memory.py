@@ -35,7 +35,8 @@ FLOAT32 = 4
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 STATE_COPIES = 3
 """float32 copies of each trainable parameter kept between steps: the weight and AdamW's two
-moments (a member's gradients live only during its own step, see ``train_step``)."""
+moments (a pack frees each member's gradients after its update, see ``train/loop.py``, so
+they count once, with the largest member's step)."""
 
 LAYER_TENSORS = 2
 """Feature-map-sized tensors one decoder layer keeps for its backward pass without temporal

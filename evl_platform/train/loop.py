@@ -338,6 +338,8 @@ class _Fit:
                     member.optimization,
                     self.cfg.batch_split,
                 )
+            if len(self.running) > 1:  # a pack holds one member's gradients at a time
+                member.optimization.optimizer.zero_grad(set_to_none=True)
             member.window.add(result, done, self.timer.lap() + shared_seconds, waited)
             for callback in member.callbacks:
                 callback.on_step(done, result)

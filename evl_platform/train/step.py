@@ -227,9 +227,6 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
-    # a pack's members step one after another: freeing each one's gradients right after its
-    # update holds one member's gradients at a time instead of every member's (sweep/memory.py)
-    optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss_sum / size, hits=hits, clips=size)
 
 
