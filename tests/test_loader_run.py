@@ -47,7 +47,8 @@ def test_bad_fraction_is_checked_over_all_ranks(
     )
     splits = read_splits(cfg.data)
     ranks = [
-        VideoSource(cfg, splits, rank=rank, world=2, batch=2, pin_memory=False) for rank in (0, 1)
+        VideoSource(cfg, splits, rank=rank, world=2, batch=2, device=torch.device("cpu"))
+        for rank in (0, 1)
     ]
     with pytest.raises(TooManyBadVideos) as err:
         list(ranks[0].val_batches())
@@ -128,7 +129,9 @@ def test_loader_workers_default_to_reserved_cpus_minus_one(
         from evl_platform.config import ExperimentConfig
 
         cfg = ExperimentConfig.model_validate(dump)
-        source = VideoSource(cfg, read_splits(cfg.data), rank=0, world=1, batch=2, pin_memory=False)
+        source = VideoSource(
+            cfg, read_splits(cfg.data), rank=0, world=1, batch=2, device=torch.device("cpu")
+        )
         return source.train_loader.num_workers
 
     assert ray.get(workers.remote(cfg.model_dump(mode="json"))) == 1  # 2 reserved, 1 trains
@@ -200,3 +203,24 @@ def test_bench_data_compares_every_installed_decoder(
     assert main([*args, "--decoder", "pyav", "--native-size"]) == 0
     printed = capsys.readouterr().out
     assert "pyav at native size" in printed and "per core" in printed
+
+
+def test_training_batches_are_the_same_wherever_augmentation_runs(
+    tmp_path: Path, appearance_small: SyntheticLayout
+) -> None:
+    """The paper's augmentation (random resized crop, RandAugment m7-n4, flip) applied by the
+    loader workers or on the training device: the training source yields the same pixels,
+    batch for batch."""
+    augment = {"random_resized_crop": [0.08, 1.0], "rand_augment": "m7-n4"}
+    augment |= {"horizontal_flip": True}
+    batches = {}
+    for on in ("loader", "device"):
+        data = layout_data(appearance_small, sampling="dense", augment=augment | {"on": on})
+        cfg = write_config(tmp_path / f"{on}.yaml", data | {"num_workers": 1})
+        source = VideoSource(
+            cfg, read_splits(cfg.data), rank=0, world=1, batch=4, device=torch.device("cpu")
+        )
+        assert source.train_set.transform.on_device == (on == "device")
+        batches[on] = [b.inputs for _, b in zip(range(3), source.train_batches(1, 0))]
+    for loader_side, device_side in zip(batches["loader"], batches["device"], strict=True):
+        assert loader_side.shape == (4, 3, 8, 32, 32) and torch.equal(loader_side, device_side)

@@ -1,8 +1,8 @@
 """RandAugment draws its ops as timm's ``rand-m7-n4-mstd0.5-inc1`` and the official EVL code
 do: N ops uniformly *with* replacement, each applied with probability 0.5.
 
-Recorders stand in for the ops (the clip passes through unchanged), so thousands of clips
-cost milliseconds; the observed op-count distribution is compared with the exact one.
+The plans the loader draws are counted (no pixels touched), so thousands of clips cost
+milliseconds; the observed op-count distribution is compared with the exact one.
 """
 
 from __future__ import annotations
@@ -12,31 +12,19 @@ import math
 from collections import Counter
 
 import numpy as np
-import pytest
-import torch
 
-from evl_platform.data import transforms
-from evl_platform.data.transforms import RAND_AUGMENT_OPS, rand_augment
+from evl_platform.data.rand_augment import OP_NAMES, OPS, SKIP, draw_plan
 
 CLIPS = 6000
 NUM_OPS = 4
 
 
-def _applied_ops(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The ops applied to each of CLIPS clips, in order, with recorders as the ops."""
-    applied: list[str] = []
-    for name in RAND_AUGMENT_OPS:
-        monkeypatch.setitem(
-            transforms.RAND_AUGMENT_OPS, name, lambda c, lv, r, n=name: applied.append(n) or c
-        )
+def _applied_ops() -> list[list[str]]:
+    """The ops each of CLIPS clips gets, in order: the plans the loader draws (drawing is
+    all of the policy; the kernels only apply what was drawn)."""
     rng = np.random.default_rng(0)
-    clip = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
-    per_clip = []
-    for _ in range(CLIPS):
-        applied.clear()
-        rand_augment(clip, magnitude=7, num_ops=NUM_OPS, rng=rng)
-        per_clip.append(list(applied))
-    return per_clip
+    plans = [draw_plan((7, NUM_OPS), flip=False, rng=rng) for _ in range(CLIPS)]
+    return [[OP_NAMES[int(op)] for op in plan[:, 0] if op != SKIP] for plan in plans]
 
 
 def _exact_repeat_probability(num_ops: int, num_kinds: int) -> float:
@@ -50,9 +38,9 @@ def _exact_repeat_probability(num_ops: int, num_kinds: int) -> float:
     return total
 
 
-def test_ops_are_drawn_with_replacement(monkeypatch: pytest.MonkeyPatch) -> None:
-    per_clip = _applied_ops(monkeypatch)
-    kinds = len(RAND_AUGMENT_OPS)
+def test_ops_are_drawn_with_replacement() -> None:
+    per_clip = _applied_ops()
+    kinds = len(OPS)
     expected = _exact_repeat_probability(NUM_OPS, kinds)  # 0.095 for 4 of 15 ops
     repeated = np.mean([len(set(ops)) < len(ops) for ops in per_clip])
     tolerance = 4 * math.sqrt(expected * (1 - expected) / CLIPS)  # 4 standard errors
@@ -64,7 +52,7 @@ def test_ops_are_drawn_with_replacement(monkeypatch: pytest.MonkeyPatch) -> None
         assert abs(applied[k] / CLIPS - p) < 4 * math.sqrt(p * (1 - p) / CLIPS), (k, applied)
 
     counts = Counter(itertools.chain.from_iterable(per_clip))  # every op equally likely
-    assert set(counts) == set(RAND_AUGMENT_OPS)
+    assert set(counts) == set(OPS)
     mean = CLIPS * NUM_OPS * 0.5 / kinds
     assert all(abs(n - mean) < 5 * math.sqrt(mean) for n in counts.values()), counts
 

@@ -12,6 +12,8 @@ from torchvision.transforms.v2 import functional as F
 
 from evl_platform.config import AugmentConfig, DataConfig
 from evl_platform.config import TestViewsConfig as ViewsConfig
+from evl_platform.data.augment_device import apply_plans
+from evl_platform.data.rand_augment import OPS, parse_rand_augment, rand_augment
 from evl_platform.data.sampling import (
     ClipSampler,
     dense_clip,
@@ -19,15 +21,14 @@ from evl_platform.data.sampling import (
     uniform_clip,
     uniform_views,
 )
-from evl_platform.data.transforms import (
-    RAND_AUGMENT_OPS,
-    TrainTransform,
-    parse_rand_augment,
-    rand_augment,
-    spatial_crops,
-)
 from evl_platform.data.transforms import TestTransform as EvalTransform
+from evl_platform.data.transforms import TrainTransform, spatial_crops
 from evl_platform.models.pixels import CLIP_MEAN, CLIP_STD, normalize_pixels
+
+
+def _op(name: str, clip: torch.Tensor, level: float, rng: np.random.Generator) -> torch.Tensor:
+    """RandAugment op ``name`` at ``level``, its argument drawn from ``rng``."""
+    return OPS[name].apply(clip, OPS[name].argument(level, rng))
 
 
 @pytest.mark.parametrize("length", [1, 3, 7, 8, 9, 31, 32, 300])
@@ -112,40 +113,68 @@ def _red_centroid_x(clip: torch.Tensor) -> np.ndarray:
     return ((weights.sum(1) * xs).sum(-1) / weights.sum((1, 2)).clamp(min=1)).numpy()
 
 
-def test_train_transform_is_identical_across_frames() -> None:
+def _augmented(transform: TrainTransform, frames: np.ndarray, seed: int) -> torch.Tensor:
+    """The clip the model gets: on the loader, or its plan applied as the device would."""
+    clip, plan = transform(frames, np.random.default_rng(seed))
+    return clip if plan is None else apply_plans(clip[None], plan[None])[0]
+
+
+@pytest.mark.parametrize("on", ["loader", "device"])
+def test_train_transform_is_identical_across_frames(on: str) -> None:
     frame = _moving_square()[3]
     still = np.repeat(frame[None], 8, axis=0)
-    transform = TrainTransform(AugmentConfig(), size=64)
+    transform = TrainTransform(AugmentConfig(on=on), size=64)
     for seed in range(40):
-        out = transform(still, np.random.default_rng(seed))
+        out = _augmented(transform, still, seed)
         assert out.shape == (3, 8, 64, 64) and out.dtype == torch.uint8
         assert torch.equal(out[:, :1].expand_as(out), out), f"seed {seed}: frames differ"
 
 
-def test_flip_only_where_allowed() -> None:
+@pytest.mark.parametrize("on", ["loader", "device"])
+def test_flip_only_where_allowed(on: str) -> None:
     clip = _moving_square()
-    crop_only = AugmentConfig(rand_augment=None, random_resized_crop=(0.6, 1.0))
+    crop_only = AugmentConfig(rand_augment=None, random_resized_crop=(0.6, 1.0), on=on)
     directions = {}
     for flip in (False, True):
         transform = TrainTransform(crop_only.model_copy(update={"horizontal_flip": flip}), size=64)
         signs = set()
         for seed in range(30):
-            x = _red_centroid_x(transform(clip, np.random.default_rng(seed)))
+            x = _red_centroid_x(_augmented(transform, clip, seed))
             signs.add(bool(x[-1] > x[0]))
         directions[flip] = signs
     assert directions[False] == {True}  # left-to-right motion stays left-to-right
     assert directions[True] == {True, False}
 
 
+def test_device_augmentation_gives_the_loaders_pixels() -> None:
+    """The same clip and seed give the same pixels whether the loader augments or the training
+    device does, with either kernel set: torch's batched kernels (what a GPU runs, here on
+    the CPU) or the numpy ones."""
+    frames = np.stack([_moving_square(size=(60, 80))[t] for t in range(4)])
+    frames = frames.astype(np.int16) + np.random.default_rng(0).integers(0, 60, frames.shape)
+    frames = frames.clip(0, 255).astype(np.uint8)  # uneven histograms for Equalize and co.
+    loader = TrainTransform(AugmentConfig(on="loader"), size=48)
+    device = TrainTransform(AugmentConfig(on="device"), size=48)
+    seeds = range(24)
+    expected = torch.stack([loader(frames, np.random.default_rng(s))[0] for s in seeds])
+    cropped, plans = zip(*(device(frames, np.random.default_rng(s)) for s in seeds), strict=True)
+    plans = np.stack(plans)
+    assert len({int(op) for op in plans[..., 0].ravel()}) >= 12  # most ops, and the flip
+    for kernels in ("torch", "numpy"):
+        out = apply_plans(torch.stack(cropped), plans, kernels=kernels)
+        assert torch.equal(out, expected), kernels
+    assert not torch.equal(torch.stack(cropped), expected)
+
+
 def test_rand_augment_ops_keep_shape_and_dtype() -> None:
     clip = torch.from_numpy(_moving_square()).permute(0, 3, 1, 2)[..., :64, :64].contiguous()
     rng = np.random.default_rng(0)
     changed = 0
-    for name, op in RAND_AUGMENT_OPS.items():
-        out = op(clip, 0.7, rng)
+    for name in OPS:
+        out = _op(name, clip, 0.7, rng)
         assert out.shape == clip.shape and out.dtype == torch.uint8, name
         changed += not torch.equal(out, clip)
-    assert changed >= len(RAND_AUGMENT_OPS) - 1
+    assert changed >= len(OPS) - 1
     assert parse_rand_augment("m7-n4") == (7, 4)
     with pytest.raises(ValueError, match="m7-n4"):
         parse_rand_augment("rand-m7")
@@ -217,7 +246,7 @@ def test_geometric_ops_match_torchvision_affine(seed: int) -> None:
         "TranslateYRel": _affine_reference(clip, translate=[0, -round(sign * level * 0.45 * h)]),
     }
     for name, expected in references.items():
-        out = RAND_AUGMENT_OPS[name](clip, level, np.random.default_rng(seed))
+        out = _op(name, clip, level, np.random.default_rng(seed))
         assert out.shape == clip.shape and out.dtype == torch.uint8
         differ = (out != expected).any(dim=1).float().mean().item()  # pixels, over frames
         # only pixel centres landing exactly on a rounding tie may differ
@@ -240,11 +269,11 @@ def test_lookup_table_ops_are_exact() -> None:
             "SolarizeAdd": torch.where(wide < 128, (wide + add).clamp(max=255), wide),
         }
         for name, reference in expected.items():
-            out = RAND_AUGMENT_OPS[name](clip, level, rng)
+            out = _op(name, clip, level, rng)
             assert out.dtype == torch.uint8 and torch.equal(out.to(torch.int32), reference), name
     for seed in (0, 2):  # both signs
         factor = 1 + _sign(seed) * 0.7 * 0.9
-        out = RAND_AUGMENT_OPS["Brightness"](clip, 0.7, np.random.default_rng(seed))
+        out = _op("Brightness", clip, 0.7, np.random.default_rng(seed))
         expected = (wide.float() * np.float32(factor)).floor().clamp(0, 255).to(torch.uint8)
         assert torch.equal(out, expected)
         assert torch.equal(out, F.adjust_brightness(clip, factor))
@@ -262,7 +291,7 @@ def test_colour_ops_match_torchvision(seed: int) -> None:
         "Equalize": (F.equalize(clip), 0),
     }
     for name, (expected, tolerance) in references.items():
-        out = RAND_AUGMENT_OPS[name](clip, level, np.random.default_rng(seed))
+        out = _op(name, clip, level, np.random.default_rng(seed))
         assert out.shape == clip.shape and out.dtype == torch.uint8, name
         error = (out.to(torch.int16) - expected.to(torch.int16)).abs().max().item()
         assert error <= tolerance, (name, error)
@@ -277,7 +306,7 @@ def test_per_frame_ops_use_each_frames_statistics() -> None:
         "AutoContrast": F.autocontrast,
         "Contrast": lambda c: F.adjust_contrast(c, 1 + _sign(0) * 0.63),
     }.items():
-        out = RAND_AUGMENT_OPS[name](clip, 0.7, np.random.default_rng(0))
+        out = _op(name, clip, 0.7, np.random.default_rng(0))
         for t in range(2):
             diff = out[t].to(torch.int16) - reference(clip[t]).to(torch.int16)
             assert diff.abs().max() <= 1, name
@@ -286,7 +315,7 @@ def test_per_frame_ops_use_each_frames_statistics() -> None:
 def test_ops_accept_channels_last_clips() -> None:
     clip = _test_image()
     strided = clip.contiguous(memory_format=torch.channels_last)
-    for name, op in RAND_AUGMENT_OPS.items():
-        a = op(clip, 0.7, np.random.default_rng(1))
-        b = op(strided, 0.7, np.random.default_rng(1))
+    for name in OPS:
+        a = _op(name, clip, 0.7, np.random.default_rng(1))
+        b = _op(name, strided, 0.7, np.random.default_rng(1))
         assert torch.equal(a, b), name

@@ -3,16 +3,22 @@
 Both sides get the same worker processes (one decoding thread each) and the same clips: the
 same videos and frame indices, drawn with the dataset's own per-item seeds, decoded by the same
 decoder at the same size. The raw side only opens each video and fetches those frames; the
-loader side also samples, augments, normalises, collates and ships batches to the main process.
-Both are timed in steady state (workers already started, files already in the page cache) and
-the ratio of their clips/s is the loader's efficiency; the loader's clips/s per worker process
-is what one CPU core delivers, the figure that sizes CPUs per GPU.
+loader side also samples, crops, augments (unless ``data.augment.on`` is ``device``: then the
+batches carry their augmentation plans), collates and ships batches to the main process.
+Both are timed in steady state (workers already started, files already in the page cache), in
+three interleaved rounds whose best clips/s counts on each side, and the ratio of those is the
+loader's efficiency; the loader's clips/s per worker process
+is what one CPU core delivers, the figure that sizes CPUs per GPU. RandAugment and the flip are
+also timed on their own, per clip: the loader's numpy kernels on one core, and the batched
+torch kernels on the training device (CUDA when present, the CPU otherwise), so the output says
+what moving them off the loader saves and costs.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import math
 import os
 import platform
 import time
@@ -22,12 +28,15 @@ import numpy as np
 import torch
 
 from evl_platform.config import ExperimentConfig
+from evl_platform.data.augment_device import apply_plans
 from evl_platform.data.dataset import VideoDataset, VideoLoader
 from evl_platform.data.decode import DECODER_MODULES, check_decoder, decode_views
 from evl_platform.data.errors import DataSourceError
+from evl_platform.data.rand_augment import apply_plan
 from evl_platform.data.source import create_dataset, read_splits
 
 TARGET_RATIO = 0.9
+ROUNDS = 3  # timed rounds of each side
 
 
 @dataclass
@@ -47,6 +56,10 @@ class DataBench:
     decode_ms: float
     transform_ms: float
     machine: str
+    augment_on: str = "loader"
+    augment_loader_ms: float | None = None  # numpy kernels, one core, per clip
+    augment_device_ms: float | None = None  # batched torch kernels, per clip
+    augment_device: str = ""
 
     @property
     def ratio(self) -> float:
@@ -85,14 +98,36 @@ class DataBench:
                 f"  raw decode       {self.raw_clips_per_s:8.1f} clips/s  "
                 f"({self.decoder}, same frames, same size, same processes)",
                 f"  full loader      {self.loader_clips_per_s:8.1f} clips/s  "
-                "(decode + sample + augment + collate)",
+                f"({self._loader_work()})",
                 f"  per core         {self.clips_per_s_per_core:8.1f} clips/s  "
                 "(full loader / worker processes)",
                 f"  ratio            {self.ratio:8.2f}  ({verdict} the {TARGET_RATIO} target)",
                 f"  per clip, 1 core decode {self.decode_ms:.2f} ms, "
                 f"sample + transform {self.transform_ms:.2f} ms (CPU time)",
+                *self._augment_lines(),
             ]
         )
+
+    def _loader_work(self) -> str:
+        if self.split != "train":
+            return "decode + sample + resize + crops + collate"
+        if self.augment_on == "device":
+            return "decode + sample + crop + collate; RandAugment and flip on the device"
+        return "decode + sample + crop + RandAugment + flip + collate"
+
+    def _augment_lines(self) -> list[str]:
+        if self.augment_loader_ms is None:
+            return []
+        line = (
+            f"  RandAugment+flip loader kernels {self.augment_loader_ms:.2f} ms/clip (numpy, 1 "
+            f"core)"
+        )
+        if self.augment_device_ms is not None:
+            line += (
+                f"; batched torch kernels {self.augment_device_ms:.2f} ms/clip on "
+                f"{self.augment_device}"
+            )
+        return [line, f"  augmentation runs on the {self.augment_on} (data.augment.on)"]
 
 
 def machine_description() -> str:
@@ -144,12 +179,41 @@ def _loader_rate(dataset: VideoDataset, workers: int, batch_size: int, epoch: in
     return clips / (time.perf_counter() - start)
 
 
-def _per_clip_ms(dataset: VideoDataset, indices: list[int]) -> tuple[float, float]:
-    """Single-process decode and transform CPU time per clip (CPU time rather than wall time,
-    so that other jobs on the machine do not inflate it)."""
+@dataclass
+class _PerClip:
+    decode_ms: float
+    transform_ms: float
+    augment_loader_ms: float | None
+    augment_device_ms: float | None
+    augment_device: str
+
+
+def _device_augment_ms(clips: list[torch.Tensor], plans: list[np.ndarray]) -> tuple[float, str]:
+    """Per-clip time of the batched torch kernels on CUDA when present, else the CPU (one
+    thread), best of 3 over the clips as one batch."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch, stacked = torch.stack(clips).to(device), np.stack(plans)
+    best = math.inf
+    for _ in range(3):
+        work = batch.clone()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        apply_plans(work, stacked, kernels="torch")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU, 1 thread"
+    return 1000 * best / len(clips), name
+
+
+def _per_clip_ms(dataset: VideoDataset, indices: list[int]) -> _PerClip:
+    """Single-process decode, transform and augmentation CPU time per clip (CPU time rather
+    than wall time, so that other jobs on the machine do not inflate it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    decode = transform = 0.0
+    decode = transform = augment = 0.0
+    cropped, plans = [], []
     for index in indices:
         rng = np.random.default_rng([dataset.seed, 0, index])
         t0 = time.process_time()
@@ -160,13 +224,28 @@ def _per_clip_ms(dataset: VideoDataset, indices: list[int]) -> tuple[float, floa
             short_side=dataset.short_side,
         )
         t1 = time.process_time()
+        plan = None
         if dataset.train:
-            dataset.transform(views[0], rng)
+            clip, plan = dataset.transform(views[0], rng)
         else:
             [dataset.transform(v) for v in views]
-        decode, transform = decode + t1 - t0, transform + time.process_time() - t1
+        t2 = time.process_time()
+        decode, transform = decode + t1 - t0, transform + t2 - t1
+        if plan is not None:
+            apply_plan(clip.transpose(0, 1), plan)
+            augment += time.process_time() - t2
+            cropped.append(clip)
+            plans.append(plan)
+    device_ms, device = _device_augment_ms(cropped, plans) if plans else (None, "")
     torch.set_num_threads(threads)
-    return 1000 * decode / len(indices), 1000 * transform / len(indices)
+    n = len(indices)
+    return _PerClip(
+        1000 * decode / n,
+        1000 * transform / n,
+        1000 * augment / n if plans else None,
+        device_ms,
+        device,
+    )
 
 
 def bench_data(
@@ -203,10 +282,12 @@ def bench_data(
     )
     if native_size:
         subset.short_side = None
-    decode_ms, transform_ms = _per_clip_ms(subset, list(range(min(64, clips))))
+    per_clip = _per_clip_ms(subset, list(range(min(64, clips))))
     batch = max(1, min(cfg.train.batch_size, clips // (4 * workers) or 1))
-    loader = _loader_rate(subset, workers, batch, epoch=1)
-    raw = _raw_rate(subset, list(range(clips)), workers, epoch=1)
+    loader = raw = 0.0
+    for _ in range(ROUNDS):  # interleaved, best of each: a busy moment hits both sides alike
+        loader = max(loader, _loader_rate(subset, workers, batch, epoch=1))
+        raw = max(raw, _raw_rate(subset, list(range(clips)), workers, epoch=1))
     sample = subset[0].clip
     return DataBench(
         experiment=cfg.name,
@@ -219,9 +300,13 @@ def bench_data(
         decode_short_side=subset.short_side,
         raw_clips_per_s=raw,
         loader_clips_per_s=loader,
-        decode_ms=decode_ms,
-        transform_ms=transform_ms,
+        decode_ms=per_clip.decode_ms,
+        transform_ms=per_clip.transform_ms,
         machine=machine_description(),
+        augment_on=cfg.data.augment.on if subset.train else "loader",
+        augment_loader_ms=per_clip.augment_loader_ms,
+        augment_device_ms=per_clip.augment_device_ms,
+        augment_device=per_clip.augment_device,
     )
 
 

@@ -208,11 +208,16 @@ class AugmentConfig(_Frozen):
         random_resized_crop: random resized crop scale range; ``None`` disables it.
         rand_augment: RandAugment as ``m<magnitude>-n<ops>`` (paper ``m7-n4``); ``None`` disables.
         horizontal_flip: random horizontal flips; must be off for direction-sensitive data.
+        on: where RandAugment and the flip run (the crop always runs in the loader worker):
+            ``device``, on the training device, batched, after the host-to-device copy (the
+            loader workers only decode and crop); ``loader``, in the loader workers. Both
+            draw the same augmentation per clip and give the same pixels.
     """
 
     random_resized_crop: tuple[float, float] | None = (0.08, 1.0)
     rand_augment: str | None = Field("m7-n4", pattern=r"^m\d+-n\d+$")
     horizontal_flip: bool = True
+    on: Literal["device", "loader"] = "device"
 
 
 class SyntheticConfig(_Frozen):

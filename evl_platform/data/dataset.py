@@ -52,6 +52,7 @@ class Sample:
     label: int
     index: int
     bad: tuple[BadVideo, ...] = ()
+    plan: np.ndarray | None = None  # augmentation still to apply on the device
 
 
 @dataclass
@@ -62,10 +63,13 @@ class Batch:
     labels: torch.Tensor  # (N,)
     indices: torch.Tensor  # (N,) dataset positions of the clips actually delivered
     bad: tuple[BadVideo, ...] = field(default=())
+    plans: torch.Tensor | None = None  # (N, slots, 2) float64, see data.augment_device
 
     def pin_memory(self) -> Batch:
         """Called by ``DataLoader(pin_memory=True)``."""
-        return Batch(self.clips.pin_memory(), self.labels.pin_memory(), self.indices, self.bad)
+        return Batch(
+            self.clips.pin_memory(), self.labels.pin_memory(), self.indices, self.bad, self.plans
+        )
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -76,6 +80,9 @@ def collate(samples: Sequence[Sample]) -> Batch:
         labels=torch.tensor([s.label for s in samples], dtype=torch.long),
         indices=torch.tensor([s.index for s in samples], dtype=torch.long),
         bad=tuple(event for s in samples for event in s.bad),
+        plans=None
+        if samples[0].plan is None
+        else torch.from_numpy(np.stack([s.plan for s in samples])),
     )
 
 
@@ -166,22 +173,23 @@ class VideoDataset(Dataset):
                     bad.append(self._events[current])
                 continue
             try:
-                clip = self.load(current, epoch)
+                clip, plan = self.load(current, epoch)
             except VideoError as err:
                 event = BadVideo(err.path, err.kind, err.detail, current)
                 self._events[current] = event
                 self.known_bad[current] = True
                 bad.append(event)
                 continue
-            return Sample(clip, self.records[current].label, current, tuple(bad))
+            return Sample(clip, self.records[current].label, current, tuple(bad), plan)
         first = f" (first error: {bad[0].path}: {bad[0].kind}: {bad[0].detail})" if bad else ""
         raise RuntimeError(
             f"{self.annotations.source}: none of the {len(self.records)} videos can be "
             f"decoded{first}"
         )
 
-    def load(self, index: int, epoch: int | None = None) -> torch.Tensor:
-        """The transformed clip of record ``index`` in ``epoch`` (default: :meth:`set_epoch`'s);
+    def load(self, index: int, epoch: int | None = None) -> tuple[torch.Tensor, np.ndarray | None]:
+        """The transformed clip of record ``index`` in ``epoch`` (default: :meth:`set_epoch`'s)
+        and its augmentation plan when that runs on the training device (``None`` otherwise);
         raises :class:`VideoError` for bad files."""
         epoch = self.epoch if epoch is None else epoch
         rng = np.random.default_rng([self.seed, epoch, index])
@@ -196,7 +204,7 @@ class VideoDataset(Dataset):
         if self.train:
             return self.transform(views[0], rng)
         # (V, C, T, H, W), temporal-major: all spatial crops of view 0, then of view 1, ...
-        return torch.stack([crop for frames in views for crop in self.transform(frames)])
+        return torch.stack([crop for frames in views for crop in self.transform(frames)]), None
 
 
 class TooManyBadVideos(RuntimeError):

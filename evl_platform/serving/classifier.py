@@ -124,7 +124,7 @@ class VideoClassifier:
 
     def _one(self, dataset: VideoDataset, index: int, path: str) -> Prediction:
         try:
-            views = dataset.load(index)  # (V, C, T, H, W)
+            views, _ = dataset.load(index)  # (V, C, T, H, W)
         except VideoError as err:
             return Prediction(path, error=f"{err.kind}: {err.detail}")
         with torch.inference_mode():

@@ -17,6 +17,7 @@ from torch.utils.data import Sampler
 
 from evl_platform.config import ExperimentConfig
 from evl_platform.data.annotations import Annotations
+from evl_platform.data.augment_device import apply_plans
 from evl_platform.data.dataset import VideoLoader
 from evl_platform.data.source import DatasetFiles, create_dataset, read_splits, resolve_files
 from evl_platform.train.loop import InputBatch
@@ -98,13 +99,17 @@ class VideoSource:
     """Decoded, transformed clips (random training views, all test views for validation).
 
     Each split has one :class:`VideoLoader` for the whole run, so its worker processes (and
-    the bad videos they found) last from the first batch to the end.
+    the bad videos they found) last from the first batch to the end. With
+    ``data.augment.on: device`` training batches arrive cropped, with their augmentation
+    plans, and are augmented here on ``device`` (:func:`~evl_platform.data.augment_device.
+    apply_plans`): the batches this source yields are then already on the device.
 
     Args:
         cfg: the experiment.
         splits: the annotations of both splits.
         rank / world: this worker and the number of workers.
         batch: items per rank per step.
+        device: the training device.
     """
 
     def __init__(
@@ -115,8 +120,9 @@ class VideoSource:
         rank: int,
         world: int,
         batch: int,
-        pin_memory: bool,
+        device: torch.device,
     ) -> None:
+        self.device = device
         self.train_set = create_dataset(cfg, splits["train"], train=True)
         self.val_set = create_dataset(cfg, splits["val"], train=False)
         self.sampler = StepSampler(
@@ -127,7 +133,7 @@ class VideoSource:
         options = dict(
             num_workers=loader_workers(cfg.data.num_workers),
             max_bad_fraction=cfg.data.max_bad_fraction,
-            pin_memory=pin_memory,
+            pin_memory=device.type == "cuda",
             shards=world,
         )
         self.train_loader = VideoLoader(
@@ -144,7 +150,10 @@ class VideoSource:
     def train_batches(self, epoch: int, first: int) -> Iterator[InputBatch]:
         self.sampler.start_at(first)
         for batch in self.train_loader.epoch(epoch):
-            yield InputBatch(batch.clips, batch.labels, batch.indices)
+            clips = batch.clips
+            if batch.plans is not None:
+                clips = apply_plans(clips.to(self.device, non_blocking=True), batch.plans)
+            yield InputBatch(clips, batch.labels, batch.indices)
 
     def val_batches(self) -> Iterator[InputBatch]:
         for batch in self.val_loader.epoch(0):
@@ -220,7 +229,5 @@ def create_source(
     if cfg.features.reuse:
         source = FeatureSource(cfg, splits, files, rank=rank, world=world, batch=batch, reads=reads)
     else:
-        source = VideoSource(
-            cfg, splits, rank=rank, world=world, batch=batch, pin_memory=device.type == "cuda"
-        )
+        source = VideoSource(cfg, splits, rank=rank, world=world, batch=batch, device=device)
     return source, video_ids, splits["train"].class_names
