@@ -3,7 +3,10 @@
 # (ablations/temporal_modules.yaml, 2 packs of 8 ViT-B/16 decoders) on 1 GPU under float16 and
 # bfloat16 autocast, `bench step` and `bench infer` on ViT-B/16 (paper Tables 5 and 3, each
 # with its out-of-memory search for the largest batch), a pack's "learns exactly as alone"
-# check on CUDA, and the training loop's device discipline (scripts/gpu_check_train.py). Ends with one summary table: PASS/FAIL/SKIP and the key number per check.
+# check on CUDA, `bench data` on the rehearsal videos (loader vs raw decoding; RandAugment's
+# batched kernels timed on the GPU) and the training loop's device discipline
+# (scripts/gpu_check_train.py). Ends with one summary table: PASS/FAIL/SKIP and the key number
+# per check.
 #
 #   scripts/gpu-check.sh          # on a machine with a CUDA GPU
 #   scripts/gpu-check.sh --cpu    # the same checks on the CPU, minus the AMP sweeps (CPUs
@@ -38,7 +41,7 @@ TARGET=$([[ $MODE == gpu ]] && echo cuda || echo cpu)
 echo "gpu-check: mode $MODE, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), logs in $DIR"
 if [[ $MODE == gpu ]]; then nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; fi
 
-# figure KIND LOG: the figure a check's log gives (KIND: sweep, step, infer or last).
+# figure KIND LOG: the figure a check's log gives (KIND: sweep, step, infer, data or last).
 figure() {
   $PY - "$1" "$2" <<'EOF' 2>/dev/null || echo "-"
 import json, re, sys
@@ -55,6 +58,10 @@ elif kind == "infer":
     d = json.loads(log[log.index("{"):])
     print(f"{d['gflops_per_video']:.0f} GFLOPs/video, {d['latency_ms']:.0f} ms/video, "
           f"{d['throughput_videos_per_s']:.2f} videos/s, max batch {d['max_batch']['value']}")
+elif kind == "data":  # the loader ratio and the device augmentation's time per clip
+    ratio = re.search(r"ratio\s+([\d.]+)", log).group(1)
+    device = re.search(r"batched torch kernels ([\d.]+ ms/clip on .*)", log)
+    print(f"loader/raw {ratio}; RandAugment {device.group(1) if device else '-'}"[:90])
 else:
     print(log.strip().splitlines()[-1][:90])
 EOF
@@ -127,6 +134,12 @@ else
   check pack-parity-cpu last \
     $PY scripts/gpu_pack_parity.py --device cpu --amp none
 fi
+
+# The loader against raw decoding on the rehearsal videos, and RandAugment's batched kernels
+# timed on the device (data.augment.on: device) against the loader's numpy kernels.
+check bench-data-rehearsal data \
+  "${EVL[@]}" bench data experiments/k400_vitb16_8f.yaml --profile rehearsal --clips 48 \
+  --workers "$(python -c 'import os; print(max(1, min(8, len(os.sched_getaffinity(0)) - 1)))')"
 
 # The training loop on the device: no host sync between logging steps (sync debug mode
 # "error"), and the CUDA RNG state saved and restored on the worker's own device.

@@ -2,14 +2,18 @@
 on one CUDA GPU (``PYTHONPATH=. python scripts/gpu_check_train.py``; on a CPU it runs the same
 loop without the sync check).
 
-1. Steps between logging steps never synchronise with the device (sync debug mode "error").
+1. Steps between logging steps never synchronise with the device (sync debug mode "error"),
+   uint8 clips augmented on the device (RandAugment plans, data/augment_device.py) included.
 2. A worker's CUDA RNG state is captured and restored on its own device (the last GPU here,
    made current first as the Ray worker does).
 """
 
+import numpy as np
 import torch
 
 from evl_platform.config import ExperimentConfig
+from evl_platform.data.augment_device import apply_plans
+from evl_platform.data.rand_augment import draw_plan
 from evl_platform.models import create_model
 from evl_platform.train.loop import Callback, InputBatch, Optimization, create_forward, fit
 from evl_platform.train.member import RngState
@@ -43,10 +47,15 @@ class Source:
     def train_batches(self, epoch, first):
         for b in range(first, self.steps_per_epoch):
             g = torch.Generator().manual_seed(epoch * 100 + b)
-            clips = torch.randn((4, 3, 4, 32, 32), generator=g)
+            clips = torch.randint(0, 256, (4, 3, 4, 32, 32), generator=g, dtype=torch.uint8)
             labels = torch.randint(0, 6, (4,), generator=g)
             if cuda:
                 clips, labels = clips.pin_memory(), labels.pin_memory()
+            # uint8 clips augmented on the device, as VideoSource does with data.augment.on:
+            # device (every op and the flip, over the steps), normalised by the model
+            rng = np.random.default_rng([epoch, b])
+            plans = np.stack([draw_plan((9, 4), flip=True, rng=rng) for _ in range(4)])
+            clips = apply_plans(clips.to(dev, non_blocking=True), plans)
             yield InputBatch(clips, labels, torch.arange(4))
 
     def val_batches(self):

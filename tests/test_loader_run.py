@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import shutil
@@ -221,6 +222,6 @@ def test_training_batches_are_the_same_wherever_augmentation_runs(
             cfg, read_splits(cfg.data), rank=0, world=1, batch=4, device=torch.device("cpu")
         )
         assert source.train_set.transform.on_device == (on == "device")
-        batches[on] = [b.inputs for _, b in zip(range(3), source.train_batches(1, 0))]
+        batches[on] = [b.inputs for b in itertools.islice(source.train_batches(1, 0), 3)]
     for loader_side, device_side in zip(batches["loader"], batches["device"], strict=True):
         assert loader_side.shape == (4, 3, 8, 32, 32) and torch.equal(loader_side, device_side)

@@ -45,7 +45,7 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
     """float32 (n, 3, T, H, W) -> floored luma (n, 1, T, H, W)."""
-    w = torch.tensor(_GREY, dtype=torch.float32, device=x.device)
+    w = torch.tensor(_GREY, dtype=torch.float32)  # 0-d CPU operands: no host-to-device copy
     grey = x[:, 0:1] * w[0]
     grey += x[:, 1:2] * w[1]
     grey += x[:, 2:3] * w[2]
@@ -109,7 +109,10 @@ def _equalize(clips: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     planes = clips.reshape(-1, h * w).long()
     count = len(planes)
     offsets = torch.arange(0, count * 256, 256, device=clips.device)[:, None]
-    hist = torch.bincount((planes + offsets).ravel(), minlength=count * 256).view(count, 256)
+    flat = (planes + offsets).ravel()
+    # scatter_add_, not bincount: CUDA's bincount reads the largest value back to the host
+    hist = torch.zeros(count * 256, dtype=torch.long, device=clips.device)
+    hist = hist.scatter_add_(0, flat, torch.ones_like(flat)).view(count, 256)
     cum = hist.cumsum(1)
     bins = torch.arange(256, device=clips.device)
     last_bin = torch.where(hist > 0, bins, -1).amax(dim=1, keepdim=True)

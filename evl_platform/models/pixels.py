@@ -7,10 +7,24 @@ float input takes it as already normalised.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@functools.cache
+def _affine(device: torch.device, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's per-channel scale and offset on ``device``, shaped to broadcast over ``dims``
+    trailing dimensions; made once per device, copied without waiting where it can be."""
+    shape = [3] + [1] * (dims - 1)
+    scale = torch.tensor([1 / (255 * s) for s in CLIP_STD]).view(shape)
+    offset = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True)]).view(shape)
+    if device.type == "cuda":
+        scale, offset = scale.pin_memory(), offset.pin_memory()
+    return scale.to(device, non_blocking=True), offset.to(device, non_blocking=True)
 
 
 def normalize_pixels(x: torch.Tensor, *, channel_dim: int) -> torch.Tensor:
@@ -24,10 +38,5 @@ def normalize_pixels(x: torch.Tensor, *, channel_dim: int) -> torch.Tensor:
     """
     if x.dtype != torch.uint8:
         return x
-    shape = [1] * -channel_dim
-    shape[0] = 3
-    scale = torch.tensor([1 / (255 * s) for s in CLIP_STD], device=x.device).view(shape)
-    offset = torch.tensor(
-        [-m / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True)], device=x.device
-    ).view(shape)
+    scale, offset = _affine(x.device, -channel_dim)
     return torch.addcmul(offset, x.to(torch.float32), scale)
