@@ -134,6 +134,10 @@ def test_a_small_rehearsal_sweeps_a_pack_of_two_vitb16_decoders_to_its_table(
         assert run.data.params["model.backbone.name"] == "ViT-B-16"
         assert run.data.params["data.augment.rand_augment"] == "m7-n4"
         assert 0.0 <= run.data.metrics["val/acc1"] <= 100.0  # percent
+        assert run.data.params["data.augment.on"] == "device"  # RandAugment on the device
+        # what shows a starving device: the step's wait for data and the node's utilisation
+        assert run.data.metrics["data/wait_s"] >= 0.0
+        assert 0.0 <= run.data.metrics["system/cpu_utilization_percentage"] <= 100.0
     assert len({r.data.tags.get(names.TAG_PACK) for r in children}) == 1  # one pack, one pass
     assert all(r.data.tags[names.TAG_PROFILE] == "rehearsal" for r in children)
     cfg = load_config(
