@@ -57,32 +57,47 @@ class Sample:
 
 @dataclass
 class Batch:
-    """Collated samples plus every bad-video event met while producing them."""
+    """Collated samples plus every bad-video event met while producing them.
+
+    A loader worker sends the clips through shared memory and the small fields (labels,
+    indices, plans) by value, as numpy arrays: each shared tensor costs the batch a file
+    descriptor passed to the main process and mapped there, which at the paper's few clips per
+    worker batch took ~20 % of the loader's throughput. :meth:`tensors` (or
+    :meth:`pin_memory`) makes labels and indices tensors in the main process.
+    """
 
     clips: torch.Tensor  # (N, C, T, H, W) or (N, V, C, T, H, W)
-    labels: torch.Tensor  # (N,)
-    indices: torch.Tensor  # (N,) dataset positions of the clips actually delivered
+    labels: torch.Tensor | np.ndarray  # (N,)
+    indices: torch.Tensor | np.ndarray  # (N,) dataset positions of the clips delivered
     bad: tuple[BadVideo, ...] = field(default=())
-    plans: torch.Tensor | None = None  # (N, slots, 2) float64, see data.augment_device
+    plans: np.ndarray | None = None  # (N, slots, 2) float64, see data.augment_device
+
+    def tensors(self) -> Batch:
+        """The batch with labels and indices as int64 tensors."""
+        return Batch(
+            self.clips,
+            torch.as_tensor(self.labels, dtype=torch.long),
+            torch.as_tensor(self.indices, dtype=torch.long),
+            self.bad,
+            self.plans,
+        )
 
     def pin_memory(self) -> Batch:
-        """Called by ``DataLoader(pin_memory=True)``."""
-        return Batch(
-            self.clips.pin_memory(), self.labels.pin_memory(), self.indices, self.bad, self.plans
-        )
+        """Called by ``DataLoader(pin_memory=True)``, in the main process."""
+        batch = self.tensors()
+        batch.clips, batch.labels = batch.clips.pin_memory(), batch.labels.pin_memory()
+        return batch
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
-    """Stacks samples into a :class:`Batch` (in shared memory inside a loader worker, which
-    spares a copy on the way to the main process)."""
+    """Stacks samples into a :class:`Batch`: the clips in shared memory inside a loader worker
+    (which spares a copy on the way to the main process), the rest as numpy arrays."""
     return Batch(
         clips=default_collate([s.clip for s in samples]),
-        labels=torch.tensor([s.label for s in samples], dtype=torch.long),
-        indices=torch.tensor([s.index for s in samples], dtype=torch.long),
+        labels=np.array([s.label for s in samples], dtype=np.int64),
+        indices=np.array([s.index for s in samples], dtype=np.int64),
         bad=tuple(event for s in samples for event in s.bad),
-        plans=None
-        if samples[0].plan is None
-        else torch.from_numpy(np.stack([s.plan for s in samples])),
+        plans=None if samples[0].plan is None else np.stack([s.plan for s in samples]),
     )
 
 
@@ -394,5 +409,6 @@ class VideoLoader:
         self.dataset.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
         for batch in self._loader:
+            batch = batch.tensors()
             self.bad.update(batch.bad, batch.indices.tolist())
             yield batch
