@@ -54,6 +54,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="decode at each video's own size, not the short side the transforms need",
     )
+    data.add_argument(
+        "--batch",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="clips per loader batch (default: train.batch_size, at most clips / (4 x "
+        "workers)); a paper run's loader batches its GPU's share of the batch, e.g. 32",
+    )
     data.add_argument("--json", action="store_true", help="print one JSON object")
     data.set_defaults(handler=_bench_data)
     for name, handler, summary, batch_help, memory_gib in (
@@ -140,7 +148,11 @@ def _bench_data(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, overrides=args.overrides, profile=args.profile)
     options = dict(
-        workers=args.workers, clips=args.clips, split=args.split, native_size=args.native_size
+        workers=args.workers,
+        clips=args.clips,
+        split=args.split,
+        native_size=args.native_size,
+        batch=args.batch,
     )
     if args.decoder == "all":
         table = bench_decoders(cfg, **options)

@@ -60,6 +60,7 @@ class DataBench:
     augment_loader_ms: float | None = None  # numpy kernels, one core, per clip
     augment_device_ms: float | None = None  # batched torch kernels, per clip
     augment_device: str = ""
+    batch: int = 1  # clips per loader batch
 
     @property
     def ratio(self) -> float:
@@ -92,7 +93,8 @@ class DataBench:
         return "\n".join(
             [
                 f"bench data: {self.experiment} ({self.dataset}, {self.split} split, "
-                f"{self.clips} clips of {shape}, {self.workers} worker(s), {self.decoder} "
+                f"{self.clips} clips of {shape}, {self.workers} worker(s), batches of "
+                f"{self.batch}, {self.decoder} "
                 f"at {size})",
                 f"  machine          {self.machine}",
                 f"  raw decode       {self.raw_clips_per_s:8.1f} clips/s  "
@@ -256,6 +258,7 @@ def bench_data(
     split: str = "train",
     decoder: str | None = None,
     native_size: bool = False,
+    batch: int | None = None,
 ) -> DataBench:
     """Measures loader and raw-decode clips/s on ``clips`` clips of ``split``.
 
@@ -267,6 +270,8 @@ def bench_data(
         decoder: a ``data.decoder`` to use instead of the config's.
         native_size: decode at each video's own size instead of the short side the
             transforms need (the loader's behaviour before decoder-side scaling).
+        batch: clips per loader batch (default ``train.batch_size``, at most
+            ``clips / (4 x workers)`` so that every worker delivers several batches).
     """
     if decoder is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"decoder": decoder})})
@@ -283,7 +288,8 @@ def bench_data(
     if native_size:
         subset.short_side = None
     per_clip = _per_clip_ms(subset, list(range(min(64, clips))))
-    batch = max(1, min(cfg.train.batch_size, clips // (4 * workers) or 1))
+    if batch is None:
+        batch = max(1, min(cfg.train.batch_size, clips // (4 * workers) or 1))
     loader = raw = 0.0
     for _ in range(ROUNDS):  # interleaved, best of each: a busy moment hits both sides alike
         loader = max(loader, _loader_rate(subset, workers, batch, epoch=1))
@@ -296,6 +302,7 @@ def bench_data(
         clips=clips,
         clip_shape=tuple(sample.shape),
         workers=workers,
+        batch=batch,
         decoder=cfg.data.decoder,
         decode_short_side=subset.short_side,
         raw_clips_per_s=raw,

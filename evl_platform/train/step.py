@@ -133,13 +133,9 @@ def unwrap(net: nn.Module) -> nn.Module:
 
 
 def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only (a frozen backbone has none), with torch's
-    fused kernel where the parameters live on a CPU or CUDA device: one kernel over all of
-    them instead of a loop over tensors (4x faster on a CPU for a 90 M-parameter decoder,
-    0.06 against 0.25 s a step, which a pack of 8 pays 8 times a step)."""
+    """AdamW over the trainable parameters only (a frozen backbone has none)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def create_schedule(
