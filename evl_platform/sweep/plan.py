@@ -24,6 +24,17 @@ from evl_platform.sweep.spec import Ablation, AblationError, load_ablation
 
 
 @dataclass(frozen=True)
+class TableCell:
+    """One table cell a training run fills: the trial of ``ablation`` keyed ``key``, in row
+    ``row`` (the paper's row id) and dataset column ``dataset``."""
+
+    ablation: str
+    key: str
+    row: str
+    dataset: str
+
+
+@dataclass(frozen=True)
 class Trial:
     """One training run of a sweep (or one external ensemble member).
 
@@ -36,6 +47,10 @@ class Trial:
         row: the paper's row id.
         scores: an external score file (no training) or ``None``.
         config: the resolved config (``None`` for an external ensemble member).
+        ablation: the name of the ablation file it comes from.
+        also: the cells of other tables (or other rows of its own) that the same training
+            run fills: identical trials of a batch over several files train once
+            (:mod:`evl_platform.sweep.batch`).
     """
 
     key: str
@@ -48,11 +63,24 @@ class Trial:
     row: str = ""
     scores: str | None = None
     config: ExperimentConfig | None = None
+    ablation: str = ""
+    also: tuple[TableCell, ...] = ()
 
     @property
     def slug(self) -> str:
         """The key as a file-name-safe run name part."""
         return slug(self.key)
+
+    @property
+    def qualified_slug(self) -> str:
+        """``ablation/key`` as a file-name-safe name: its member key in a pack of a batch over
+        several ablation files, where keys of different files may coincide."""
+        return slug(f"{self.ablation}/{self.key}")
+
+    @property
+    def cell(self) -> TableCell:
+        """The table cell this trial is in its own ablation file."""
+        return TableCell(self.ablation, self.key, self.row, self.dataset)
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -79,6 +107,7 @@ class Trial:
             **{
                 **data,
                 "overrides": tuple(data["overrides"]),
+                "also": tuple(data.get("also", ())),
                 "config": None if config is None else ExperimentConfig.model_validate(config),
             }
         )
@@ -125,6 +154,7 @@ def expand(
                         grid=point,
                         row=variant.row or name,
                         scores=variant.scores.get(dataset),
+                        ablation=spec.name,
                     )
                     trials.append(_resolved(ablation, trial, overrides))
     return trials
