@@ -88,9 +88,10 @@ def plan_batch(
     profile: str | None = None,
     seeds: int | None = None,
     overrides: Sequence[str] = (),
+    check_scores: bool = True,
 ) -> BatchPlan:
     """Plans every ablation file of ``paths`` (files or directories, :func:`ablation_files`)
-    and finds the identical trials across them.
+    and finds the identical trials across them (``check_scores``: as :func:`plan_sweep`).
 
     Raises:
         AblationError: a bad file (as :func:`plan_sweep`), or two files with the same ``name``.
@@ -98,7 +99,9 @@ def plan_batch(
     plans: list[SweepPlan] = []
     seen: dict[str, Path] = {}
     for path in ablation_files(paths):
-        plan = plan_sweep(path, profile=profile, seeds=seeds, overrides=overrides)
+        plan = plan_sweep(
+            path, profile=profile, seeds=seeds, overrides=overrides, check_scores=check_scores
+        )
         name = plan.ablation.name
         if name in seen:
             raise AblationError(f"{path}: name {name!r} is also the name of {seen[name]}")

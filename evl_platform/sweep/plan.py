@@ -124,10 +124,15 @@ def override_strings(values: Mapping[str, Any]) -> list[str]:
 
 
 def expand(
-    ablation: Ablation, *, seeds: int | None = None, overrides: Sequence[str] = ()
+    ablation: Ablation,
+    *,
+    seeds: int | None = None,
+    overrides: Sequence[str] = (),
+    check_scores: bool = True,
 ) -> list[Trial]:
     """Every trial of the sweep, in table order (variant, dataset, grid point, seed), each with
-    its resolved config (``overrides``: ``--set`` values applied to every trial).
+    its resolved config (``overrides``: ``--set`` values applied to every trial;
+    ``check_scores=False``: an external score file need not exist yet, for counting only).
 
     Raises:
         AblationError: a trial's config does not load, or an external score file is missing
@@ -156,7 +161,7 @@ def expand(
                         scores=variant.scores.get(dataset),
                         ablation=spec.name,
                     )
-                    trials.append(_resolved(ablation, trial, overrides))
+                    trials.append(_resolved(ablation, trial, overrides, check_scores))
     return trials
 
 
@@ -164,10 +169,12 @@ def _product(grid: Mapping[str, Sequence[Any]]) -> list[tuple[Any, ...]]:
     return list(itertools.product(*grid.values())) if grid else [()]
 
 
-def _resolved(ablation: Ablation, trial: Trial, overrides: Sequence[str]) -> Trial:
+def _resolved(
+    ablation: Ablation, trial: Trial, overrides: Sequence[str], check_scores: bool = True
+) -> Trial:
     """The trial with its config loaded once (an ensemble member: its score file checked)."""
     if trial.scores is not None:
-        if not Path(trial.scores).is_file():
+        if check_scores and not Path(trial.scores).is_file():
             raise AblationError(
                 f"{ablation.path}: variants.{trial.variant}.scores.{trial.dataset}: "
                 f"no such file {trial.scores} (export that model's validation scores "
@@ -206,6 +213,7 @@ def plan_sweep(
     profile: str | None = None,
     seeds: int | None = None,
     overrides: Sequence[str] = (),
+    check_scores: bool = True,
 ) -> SweepPlan:
     """Loads the ablation, expands its trials and resolves and checks every trial's config.
 
@@ -214,12 +222,14 @@ def plan_sweep(
         profile: experiment profile (default ``local``).
         seeds: run seeds ``0..seeds-1`` instead of the file's ``seeds``.
         overrides: dotted ``--set`` overrides applied to every trial.
+        check_scores: refuse an external score file that does not exist (``False``: a plan
+            for counting only, e.g. ``bench sweep --compute-only``).
 
     Raises:
         AblationError: a bad ablation file, trial config, score file or search space.
     """
     ablation = load_ablation(path, profile=profile)
-    trials = expand(ablation, seeds=seeds, overrides=overrides)
+    trials = expand(ablation, seeds=seeds, overrides=overrides, check_scores=check_scores)
     _check_search(ablation, trials)
     return SweepPlan(ablation, tuple(trials), tuple(overrides))
 

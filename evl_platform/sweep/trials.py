@@ -106,12 +106,13 @@ def trial_tags(
     trial: Trial, sweep: dict[str, Any], sweeps: Mapping[str, dict[str, Any]] | None = None
 ) -> dict[str, str]:
     """The sweep tags of a trial's training run: its own table's, and the cells it fills
-    (its own and, in a batch, those of the identical trials of other tables, ``sweeps``
-    naming each ablation's :func:`sweep_context`) as :data:`~names.TAG_CELLS` and one
+    (its own and, in a batch, those of the identical trials of the tables ``sweeps`` names,
+    ablation -> its :func:`sweep_context`) as :data:`~names.TAG_CELLS` and one
     :func:`~names.cell_tag` per table column."""
     entries, rows = [], {}
-    for cell in (trial.cell, *trial.also):
-        context = (sweeps or {}).get(cell.ablation, sweep)
+    known = sweeps or {}
+    for cell in (trial.cell, *(c for c in trial.also if c.ablation in known)):
+        context = known.get(cell.ablation, sweep)
         entries.append(
             {
                 "ablation": context["ablation"],
