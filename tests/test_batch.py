@@ -96,3 +96,33 @@ def test_a_batch_names_its_files_once_and_refuses_a_name_twice(
     twin.write_text(tab_a.read_text().replace("../exp.yaml", "exp.yaml"))
     with pytest.raises(AblationError, match=r"twin.yaml: name 'tab_a' is also the name of"):
         plan_batch([tab_a, twin])
+
+
+def test_a_tables_copies_read_the_run_that_trained_them_and_the_report_every_cell(
+    tmp_path: Path, motion_small: SyntheticLayout
+) -> None:
+    import pandas as pd
+
+    from evl_platform.report.cells import run_cells
+    from evl_platform.sweep.batch_runner import table_runs
+
+    batch = plan_batch(write_batch(tmp_path, motion_small))
+    home = object()  # stands in for the MLflow run of tab_a's "all"
+    own = {"tab_a": {"all/ssv2/seed0": home}, "tab_b": {}}
+    runs = table_runs(batch.plans[1], batch, own)
+    assert runs == {"d2/ssv2/seed0": home}  # d1 and none have no run yet: not filled
+
+    listed = [{"ablation": "tab_b", "row": "2", "parent_run_id": "p"}]
+    tagged = pd.Series({names.TAG_CELLS: json.dumps(listed)})
+    assert run_cells(tagged) == listed
+    plain = {
+        names.TAG_CELLS: None,
+        names.TAG_ABLATION: "tab_a",
+        names.TAG_PAPER_TABLE: "8a",
+        names.TAG_PAPER_ROW: "all",
+        names.TAG_DATASET_KEY: "ssv2",
+        names.TAG_TRIAL: "all/ssv2/seed0",
+        "parent_run_id": "p",
+    }
+    [cell] = run_cells(pd.Series(plain))  # a run from before batches: its own tags
+    assert (cell["ablation"], cell["row"], cell["parent_run_id"]) == ("tab_a", "all", "p")

@@ -159,7 +159,7 @@ def run_cells(run: pd.Series) -> list[dict[str, str]]:
     """The table cells a sweep's training run fills: its ``evl.cells`` tag (every identical
     trial of a batch over several ablation files), else its own trial's tags."""
     listed = run.get(names.TAG_CELLS)
-    if listed:
+    if isinstance(listed, str) and listed:
         try:
             return list(json.loads(listed))
         except ValueError:
