@@ -74,8 +74,14 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_ablation_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ablation file, its profile, trial concurrency and overrides for every trial."""
-    parser.add_argument("ablation", metavar="ABLATION.yaml", help="ablation file (ablations/)")
+    """The ablation files, their profile, trial concurrency and overrides for every trial."""
+    parser.add_argument(
+        "ablation",
+        metavar="ABLATION.yaml",
+        nargs="+",
+        help="ablation file(s) (ablations/*.yaml), or a directory: every ablation file in it; "
+        "several files are planned and packed together",
+    )
     parser.add_argument(
         "--profile",
         default=None,

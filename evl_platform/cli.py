@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from evl_platform import __version__
 from evl_platform.arguments import (
@@ -119,12 +121,15 @@ def _add_sweep_command(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument(
         "--resume",
         action="store_true",
-        help="finish the newest unfinished sweep of this ablation and profile",
+        help="finish the newest unfinished sweep of this ablation and profile (several files: "
+        "of each of them)",
     )
     sweep.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the trial table (variant, dataset, seed, overrides) and the packs, and exit",
+        help="print the trial table (variant, dataset, seed, overrides) and the packs (several "
+        "files: also the identical trials that train once, and the packs across tables), and "
+        "exit",
     )
     sweep.add_argument(
         "--no-pack",
@@ -216,7 +221,9 @@ def _sweep(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         pack=not args.no_pack,
     )
-    planned = plan(args.ablation, options)
+    if len(args.ablation) > 1 or Path(args.ablation[0]).is_dir():
+        return _sweep_batch(args, options)
+    planned = plan(args.ablation[0], options)
     if args.dry_run:
         print(dry_run_table(planned))
         if planned.ablation.spec.search is None:
@@ -234,9 +241,44 @@ def _sweep(args: argparse.Namespace) -> int:
         f"\nresults: {outcome.results_dir} (results.md, results.csv); MLflow parent run "
         f"{outcome.parent_run_id}; {outcome.seconds / 60:.1f} min"
     )
-    if outcome.failed:
+    return _sweep_failed(outcome.failed)
+
+
+def _sweep_batch(args: argparse.Namespace, options: Any) -> int:
+    """``sweep A.yaml B.yaml`` / ``sweep ablations/``: every file planned and packed together."""
+    from evl_platform.sweep.batch import batch_dry_run, batch_todo, pack_batch, plan_batch
+    from evl_platform.sweep.batch_runner import run_batch
+
+    batch = plan_batch(
+        args.ablation, profile=args.profile, seeds=args.seeds, overrides=args.overrides
+    )
+    if args.dry_run:
+        packing = pack_batch(batch_todo(batch), batch, enabled=options.pack)
+        print(batch_dry_run(batch, packing))
+        return 0
+    outcome = run_batch(batch, options)
+    for table in outcome.tables:
+        print()
+        print(table.table.terminal())
+        if table.ensembles is not None:
+            print()
+            print(table.ensembles.terminal())
+    print()
+    print(outcome.breakdown())
+    print()
+    for table in outcome.tables:
+        print(f"results: {table.results_dir}; MLflow parent run {table.parent_run_id}")
+    print(
+        f"batch {outcome.name}: {len(outcome.tables)} tables, {outcome.trained} runs; "
+        f"{outcome.seconds / 60:.1f} min"
+    )
+    return _sweep_failed(outcome.failed)
+
+
+def _sweep_failed(failed: Sequence[str]) -> int:
+    if failed:
         print(
-            f"error: {len(outcome.failed)} trials did not finish ({', '.join(outcome.failed)}); "
+            f"error: {len(failed)} trials did not finish ({', '.join(failed)}); "
             "run the same command with --resume to retry them",
             file=sys.stderr,
         )

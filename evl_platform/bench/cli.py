@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import get_args
 
 from evl_platform.arguments import (
@@ -132,9 +133,35 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "temporary MLflow store; the wall times, their ratio (target 2.5x), each sweep's time "
         "breakdown and the compute ratio the same packing gives on the paper profile (from "
         "model-info's GFLOPs) are printed and logged as one run in experiment `benchmarks`. "
-        '--json prints {"packed_s", "unpacked_s", "ratio", "paper_compute_ratio"}.',
+        '--json prints {"packed_s", "unpacked_s", "ratio", "paper_compute_ratio"}. Several '
+        "files (or a directory): the batch packed across tables vs every file run one after "
+        "another with one trial per table cell, and the paper profile's compute ratio of the "
+        "same grouping per group of cells sharing a backbone pass (--compute-only: that ratio "
+        "alone, nothing trained, no dataset needed).",
     )
     add_ablation_arguments(sweep)
+    sweep.add_argument(
+        "--compute-only",
+        action="store_true",
+        help="print the paper profile's compute ratio (packed across tables vs one run per "
+        "table cell) and exit: nothing is trained",
+    )
+    sweep.add_argument(
+        "--dataset",
+        dest="datasets",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="with --compute-only: count only this dataset column, e.g. k400 (repeatable)",
+    )
+    sweep.add_argument(
+        "--worker-gib",
+        type=float,
+        default=None,
+        metavar="G",
+        help="with --compute-only: size packs for workers of this much memory (default: a "
+        "sweep's plan on this machine; 16 GiB per GPU worker when there is no GPU to ask)",
+    )
     sweep.add_argument("--address", metavar="ADDR", default=None, help="Ray cluster to attach to")
     sweep.add_argument("--tracking-uri", metavar="URI", default=None, help="MLflow tracking URI")
     sweep.add_argument("--no-track", action="store_true", help="do not log to MLflow")
@@ -164,17 +191,36 @@ def _bench_data(args: argparse.Namespace) -> int:
 
 
 def _bench_sweep(args: argparse.Namespace) -> int:
-    """``bench sweep``: the ablation packed and one trial per variant."""
+    """``bench sweep``: the ablation packed and one trial per variant; several files: packed
+    across tables and one trial per cell; ``--compute-only``: the paper profile's compute
+    ratio alone."""
     from evl_platform.bench.common import finish
     from evl_platform.bench.sweep import bench_sweep
 
-    result = bench_sweep(
-        args.ablation,
-        profile=args.profile,
-        max_concurrent=args.max_concurrent,
-        overrides=args.overrides,
-        address=args.address,
-    )
+    if args.compute_only:
+        from evl_platform.bench.batch import paper_compute
+
+        compute = paper_compute(args.ablation, datasets=args.datasets, worker_gib=args.worker_gib)
+        print(json.dumps(compute.to_dict()) if args.json else compute.render())
+        return 0
+    if len(args.ablation) > 1 or Path(args.ablation[0]).is_dir():
+        from evl_platform.bench.batch import bench_batch
+
+        result = bench_batch(
+            args.ablation,
+            profile=args.profile,
+            max_concurrent=args.max_concurrent,
+            overrides=args.overrides,
+            address=args.address,
+        )
+    else:
+        result = bench_sweep(
+            args.ablation[0],
+            profile=args.profile,
+            max_concurrent=args.max_concurrent,
+            overrides=args.overrides,
+            address=args.address,
+        )
     print(
         finish(
             result,

@@ -4,7 +4,9 @@ Pure functions over the :class:`~evl_platform.report.collect.Collection` DataFra
 
 - a sweep's trial run fills ``(paper_table, paper_row, column)``: its ablation's ``table``
   block maps the run's ``dataset_key`` tag to the paper's column (``ssv2 -> SSv2``); an id like
-  ``6a+8b`` names one paper table per dataset, picked by the column;
+  ``6a+8b`` names one paper table per dataset, picked by the column. A run of a batch over
+  several ablation files fills every cell its ``evl.cells`` tag lists (:func:`run_cells`),
+  each read with its own table's ``table`` block (from that table's parent run);
 - an ensemble run of a sweep fills an ensemble table's row ``"<model 1> + <model 2>"``;
 - a plain ``train`` run of one of the paper's experiment files fills that model's rows
   (:data:`EXPERIMENT_ROWS`), and a few sweep rows also fill rows of Tables 2 and 4
@@ -15,6 +17,7 @@ Pure functions over the :class:`~evl_platform.report.collect.Collection` DataFra
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -132,23 +135,45 @@ def _has(run: pd.Series, metric: str) -> bool:
 def _sweep_cells(runs: pd.DataFrame, collection: Collection, missing: list[str]) -> Iterator[dict]:
     trials = runs[(runs[names.TAG_KIND] == names.KIND_TRAIN) & runs[names.TAG_ABLATION].notna()]
     for _, run in trials.iterrows():
-        block = collection.ablation_tables.get(run["parent_run_id"])
-        if block is None:
-            continue
-        column = (block.get("columns") or {}).get(run[names.TAG_DATASET_KEY])
-        table_id = resolve_table(run[names.TAG_PAPER_TABLE], column) if column else None
-        if table_id is None:
-            continue
-        metric = block.get("metric") or names.VAL_ACC1
-        if not _has(run, metric):
-            missing.append(f"run {run['run_name']} ({run[names.TAG_TRIAL]}) has no {metric}")
-            continue
-        row = run[names.TAG_PAPER_ROW]
-        targets = [(table_id, row)]
-        targets += ALSO_FILLS.get((run[names.TAG_ABLATION], row, column), ())
-        for table, target_row in targets:
-            yield _cell(table, target_row, column, run[metric], run)
-            yield from _model_cells(paper_tables()[table], target_row, run)
+        for cell in run_cells(run):
+            block = collection.ablation_tables.get(cell["parent_run_id"])
+            if block is None:
+                continue
+            column = (block.get("columns") or {}).get(cell["dataset_key"])
+            table_id = resolve_table(cell["paper_table"], column) if column else None
+            if table_id is None:
+                continue
+            metric = block.get("metric") or names.VAL_ACC1
+            if not _has(run, metric):
+                missing.append(f"run {run['run_name']} ({cell['trial']}) has no {metric}")
+                continue
+            row = cell["row"]
+            targets = [(table_id, row)]
+            targets += ALSO_FILLS.get((cell["ablation"], row, column), ())
+            for table, target_row in targets:
+                yield _cell(table, target_row, column, run[metric], run)
+                yield from _model_cells(paper_tables()[table], target_row, run)
+
+
+def run_cells(run: pd.Series) -> list[dict[str, str]]:
+    """The table cells a sweep's training run fills: its ``evl.cells`` tag (every identical
+    trial of a batch over several ablation files), else its own trial's tags."""
+    listed = run.get(names.TAG_CELLS)
+    if isinstance(listed, str) and listed:
+        try:
+            return list(json.loads(listed))
+        except ValueError:
+            pass  # not written by this platform: its own tags say its one cell
+    return [
+        {
+            "ablation": run[names.TAG_ABLATION],
+            "paper_table": run[names.TAG_PAPER_TABLE],
+            "row": run[names.TAG_PAPER_ROW],
+            "dataset_key": run[names.TAG_DATASET_KEY],
+            "trial": run[names.TAG_TRIAL],
+            "parent_run_id": run["parent_run_id"],
+        }
+    ]
 
 
 def _model_cells(table: PaperTable, row: str, run: pd.Series) -> Iterator[dict]:

@@ -47,6 +47,7 @@ TAGS = (
     names.TAG_DATASET_KEY,
     names.TAG_SEED,
     names.TAG_TRIAL,
+    names.TAG_CELLS,
     names.TAG_EARLY_STOPPED,
     names.TAG_MEMBER_A,
     names.TAG_MEMBER_B,

@@ -92,6 +92,13 @@ class Packing:
     reasons: tuple[str, ...]
     memory: str = ""
     """The memory plan: each pack's estimate against a worker's memory (automatic sizing)."""
+    qualified: bool = False
+    """Trials are named ``ablation:key`` (a batch over several ablation files)."""
+
+
+def trial_name(trial: Trial, qualified: bool) -> str:
+    """How packing notes name a trial: its key, or ``ablation:key`` in a batch."""
+    return f"{trial.ablation}:{trial.key}" if qualified else trial.key
 
 
 def pack_todo(
@@ -104,6 +111,7 @@ def pack_todo(
     cpus_per_worker: float = 1.0,
     memory: int | None = None,
     stamp: str | None = None,
+    qualified: bool = False,
 ) -> Packing:
     """Groups the trials still to run into Tune trials.
 
@@ -113,6 +121,7 @@ def pack_todo(
     members, or (no ``pack_size``) while the pack's :func:`pack_memory_bytes` with the trial
     added fits :data:`MEMORY_SHARE` of a worker's ``memory`` (bytes; default
     :func:`planned_worker_memory`). ``stamp`` makes new packs' names unique (default: now).
+    ``qualified``: the notes name trials as ``ablation:key`` (a batch over several files).
     """
     stamp = stamp or datetime.datetime.now().strftime("%H%M%S")
     resumed: dict[str, list[TrialTodo]] = {}
@@ -127,10 +136,10 @@ def pack_todo(
         elif item.resume_run or not enabled:
             packs.append(PackTodo((item.trial,), False, item.resume_run, item.run_name))
         elif (blocker := pack_blocker(item.trial.cfg)) is not None:
-            reasons.append(f"{item.trial.key} trains alone: {blocker}")
+            reasons.append(f"{trial_name(item.trial, qualified)} trains alone: {blocker}")
             packs.append(PackTodo((item.trial,), False))
         else:
-            _place(item.trial, groups, reasons, budget)
+            _place(item.trial, groups, reasons, budget, qualified)
     for name, items in resumed.items():
         packs.append(PackTodo(tuple(i.trial for i in items), True, name, name))
     for index, group in enumerate(groups):
@@ -138,7 +147,7 @@ def pack_todo(
         packs.append(
             PackTodo(tuple(group), packed, None, f"pack{index}-{stamp}" if packed else None)
         )
-    return Packing(tuple(packs), tuple(reasons), budget.plan(groups))
+    return Packing(tuple(packs), tuple(reasons), budget.plan(groups), qualified)
 
 
 @dataclass
@@ -191,7 +200,13 @@ class _Budget:
         return "\n".join(lines)
 
 
-def _place(trial: Trial, groups: list[list[Trial]], reasons: list[str], budget: _Budget) -> None:
+def _place(
+    trial: Trial,
+    groups: list[list[Trial]],
+    reasons: list[str],
+    budget: _Budget,
+    qualified: bool = False,
+) -> None:
     """Puts ``trial`` into the first group it matches that has room, else a new group."""
     full = None
     for group in groups:
@@ -202,12 +217,16 @@ def _place(trial: Trial, groups: list[list[Trial]], reasons: list[str], budget: 
             return
         full = group
     if full is not None:
-        reasons.append(f"{trial.key} starts a new pack: the others of its kind are full")
+        name = trial_name(trial, qualified)
+        reasons.append(f"{name} starts a new pack: the others of its kind are full")
     elif groups:  # name the closest pack and what keeps the trial out of it
         fields = min((pack_differences(g[0].cfg, trial.cfg) for g in groups), key=len)
         closest = next(g for g in groups if pack_differences(g[0].cfg, trial.cfg) == fields)
         shown = ", ".join(fields[:3]) + (" ..." if len(fields) > 3 else "")
-        reasons.append(f"{trial.key} cannot join {closest[0].key}: {shown} differs")
+        reasons.append(
+            f"{trial_name(trial, qualified)} cannot join {trial_name(closest[0], qualified)}: "
+            f"{shown} differs"
+        )
     groups.append([trial])
 
 
@@ -217,7 +236,8 @@ def packing_table(packing: Packing) -> str:
     lines = [f"{len(packing.packs)} Tune trials:"]
     for index, pack in enumerate(packing.packs):
         kind = f"pack of {len(pack.trials)}" if pack.packed else "alone"
-        lines.append(f"  [{index}] {kind}: {', '.join(t.key for t in pack.trials)}")
+        shown = ", ".join(trial_name(t, packing.qualified) for t in pack.trials)
+        lines.append(f"  [{index}] {kind}: {shown}")
     lines.extend(f"  note: {reason}" for reason in packing.reasons)
     if packing.memory:
         lines.append(packing.memory)

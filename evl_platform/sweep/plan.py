@@ -24,6 +24,17 @@ from evl_platform.sweep.spec import Ablation, AblationError, load_ablation
 
 
 @dataclass(frozen=True)
+class TableCell:
+    """One table cell a training run fills: the trial of ``ablation`` keyed ``key``, in row
+    ``row`` (the paper's row id) and dataset column ``dataset``."""
+
+    ablation: str
+    key: str
+    row: str
+    dataset: str
+
+
+@dataclass(frozen=True)
 class Trial:
     """One training run of a sweep (or one external ensemble member).
 
@@ -36,6 +47,10 @@ class Trial:
         row: the paper's row id.
         scores: an external score file (no training) or ``None``.
         config: the resolved config (``None`` for an external ensemble member).
+        ablation: the name of the ablation file it comes from.
+        also: the cells of other tables (or other rows of its own) that the same training
+            run fills: identical trials of a batch over several files train once
+            (:mod:`evl_platform.sweep.batch`).
     """
 
     key: str
@@ -48,11 +63,24 @@ class Trial:
     row: str = ""
     scores: str | None = None
     config: ExperimentConfig | None = None
+    ablation: str = ""
+    also: tuple[TableCell, ...] = ()
 
     @property
     def slug(self) -> str:
         """The key as a file-name-safe run name part."""
         return slug(self.key)
+
+    @property
+    def qualified_slug(self) -> str:
+        """``ablation/key`` as a file-name-safe name: its member key in a pack of a batch over
+        several ablation files, where keys of different files may coincide."""
+        return slug(f"{self.ablation}/{self.key}")
+
+    @property
+    def cell(self) -> TableCell:
+        """The table cell this trial is in its own ablation file."""
+        return TableCell(self.ablation, self.key, self.row, self.dataset)
 
     @property
     def cfg(self) -> ExperimentConfig:
@@ -79,6 +107,7 @@ class Trial:
             **{
                 **data,
                 "overrides": tuple(data["overrides"]),
+                "also": tuple(data.get("also", ())),
                 "config": None if config is None else ExperimentConfig.model_validate(config),
             }
         )
@@ -95,10 +124,15 @@ def override_strings(values: Mapping[str, Any]) -> list[str]:
 
 
 def expand(
-    ablation: Ablation, *, seeds: int | None = None, overrides: Sequence[str] = ()
+    ablation: Ablation,
+    *,
+    seeds: int | None = None,
+    overrides: Sequence[str] = (),
+    check_scores: bool = True,
 ) -> list[Trial]:
     """Every trial of the sweep, in table order (variant, dataset, grid point, seed), each with
-    its resolved config (``overrides``: ``--set`` values applied to every trial).
+    its resolved config (``overrides``: ``--set`` values applied to every trial;
+    ``check_scores=False``: an external score file need not exist yet, for counting only).
 
     Raises:
         AblationError: a trial's config does not load, or an external score file is missing
@@ -125,8 +159,9 @@ def expand(
                         grid=point,
                         row=variant.row or name,
                         scores=variant.scores.get(dataset),
+                        ablation=spec.name,
                     )
-                    trials.append(_resolved(ablation, trial, overrides))
+                    trials.append(_resolved(ablation, trial, overrides, check_scores))
     return trials
 
 
@@ -134,10 +169,12 @@ def _product(grid: Mapping[str, Sequence[Any]]) -> list[tuple[Any, ...]]:
     return list(itertools.product(*grid.values())) if grid else [()]
 
 
-def _resolved(ablation: Ablation, trial: Trial, overrides: Sequence[str]) -> Trial:
+def _resolved(
+    ablation: Ablation, trial: Trial, overrides: Sequence[str], check_scores: bool = True
+) -> Trial:
     """The trial with its config loaded once (an ensemble member: its score file checked)."""
     if trial.scores is not None:
-        if not Path(trial.scores).is_file():
+        if check_scores and not Path(trial.scores).is_file():
             raise AblationError(
                 f"{ablation.path}: variants.{trial.variant}.scores.{trial.dataset}: "
                 f"no such file {trial.scores} (export that model's validation scores "
@@ -176,6 +213,7 @@ def plan_sweep(
     profile: str | None = None,
     seeds: int | None = None,
     overrides: Sequence[str] = (),
+    check_scores: bool = True,
 ) -> SweepPlan:
     """Loads the ablation, expands its trials and resolves and checks every trial's config.
 
@@ -184,12 +222,14 @@ def plan_sweep(
         profile: experiment profile (default ``local``).
         seeds: run seeds ``0..seeds-1`` instead of the file's ``seeds``.
         overrides: dotted ``--set`` overrides applied to every trial.
+        check_scores: refuse an external score file that does not exist (``False``: a plan
+            for counting only, e.g. ``bench sweep --compute-only``).
 
     Raises:
         AblationError: a bad ablation file, trial config, score file or search space.
     """
     ablation = load_ablation(path, profile=profile)
-    trials = expand(ablation, seeds=seeds, overrides=overrides)
+    trials = expand(ablation, seeds=seeds, overrides=overrides, check_scores=check_scores)
     _check_search(ablation, trials)
     return SweepPlan(ablation, tuple(trials), tuple(overrides))
 

@@ -121,7 +121,7 @@ def run_sweep(source: str | Path | SweepPlan, options: SweepOptions | None = Non
         use_cluster_defaults(attached)
         tracker = Tracker(options.tracking_uri)
         storage = resolve_storage(options.storage_path)
-        _check_storage(planned.trials, storage, tracker.uri)
+        check_storage(planned.trials, storage, tracker.uri)
         parent = open_parent(tracker, planned, resume=options.resume, tags=options.tags)
         print(
             f"sweep {parent.name}: {len(planned.trials)} trials of {planned.ablation.path} "
@@ -137,20 +137,20 @@ def run_sweep(source: str | Path | SweepPlan, options: SweepOptions | None = Non
             return outcome
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see ray_session)
             status = names.STATUS_KILLED
-            _kill_open_trials(tracker, spec.name, parent)
+            kill_open_trials(tracker, spec.name, parent)
             raise
         finally:
             tracker.terminate(parent.run_id, status)
 
 
-def _kill_open_trials(tracker: Tracker, experiment: str, parent: SweepParent) -> None:
+def kill_open_trials(tracker: Tracker, experiment: str, parent: SweepParent) -> None:
     """Marks the trial runs still RUNNING as KILLED: their trainers die with the driver and
     cannot. ``--resume`` continues them from their checkpoints whatever their status."""
     for run in trial_runs(tracker, experiment, parent.run_id).values():
         tracker.terminate_open(run.info.run_id, names.STATUS_KILLED)
 
 
-def _check_storage(trials: Sequence[Trial], storage: str, uri: str) -> None:
+def check_storage(trials: Sequence[Trial], storage: str, uri: str) -> None:
     """Refuses node-local storage on a cluster once, for every trial (see check_shared)."""
     locations: dict[str, str] = {}
     for trial in trials:

@@ -139,7 +139,10 @@ def triage(
         if pack:  # a member stopped for a non-finite loss starts afresh, like a new trial
             record = PackRecord.read(storage, pack)
             stopped = names.TAG_FAILURE in run.data.tags
-            if record is not None and trial.slug in record.members and not stopped:
+            held = record is not None and (
+                trial.slug in record.members or trial.qualified_slug in record.members
+            )
+            if held and not stopped:
                 todo.append(TrialTodo(trial, resume_run=pack, run_name=pack, packed=True))
                 continue
         elif ray_run and RunRecord.read(storage, ray_run) is not None:

@@ -16,6 +16,7 @@ actor reserves the pack's estimated memory, :func:`trial_memory`); ``--max-concu
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -101,8 +102,28 @@ def trial_resources(config: dict[str, Any]) -> Any:
     return resource_dict_to_pg_factory({"memory": memory})
 
 
-def trial_tags(trial: Trial, sweep: dict[str, Any]) -> dict[str, str]:
-    """The sweep tags of a trial's training run."""
+def trial_tags(
+    trial: Trial, sweep: dict[str, Any], sweeps: Mapping[str, dict[str, Any]] | None = None
+) -> dict[str, str]:
+    """The sweep tags of a trial's training run: its own table's, and the cells it fills
+    (its own and, in a batch, those of the identical trials of the tables ``sweeps`` names,
+    ablation -> its :func:`sweep_context`) as :data:`~names.TAG_CELLS` and one
+    :func:`~names.cell_tag` per table column."""
+    entries, rows = [], {}
+    known = sweeps or {}
+    for cell in (trial.cell, *(c for c in trial.also if c.ablation in known)):
+        context = known.get(cell.ablation, sweep)
+        entries.append(
+            {
+                "ablation": context["ablation"],
+                "paper_table": context["paper_table"],
+                "row": cell.row,
+                "dataset_key": cell.dataset,
+                "trial": cell.key,
+                "parent_run_id": context["parent_run_id"],
+            }
+        )
+        rows.setdefault(names.cell_tag(context["ablation"], cell.dataset), []).append(cell.row)
     return {
         names.TAG_ABLATION: sweep["ablation"],
         names.TAG_PAPER_TABLE: sweep["paper_table"],
@@ -112,6 +133,8 @@ def trial_tags(trial: Trial, sweep: dict[str, Any]) -> dict[str, str]:
         names.TAG_SEED: str(trial.seed),
         names.TAG_TRIAL: trial.key,
         names.TAG_SWEEP: sweep["run_name"],
+        names.TAG_CELLS: json.dumps(entries),
+        **{key: " | ".join(dict.fromkeys(values)) for key, values in rows.items()},
     }
 
 
@@ -120,7 +143,9 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     it goes.
 
     ``config``: ``trial`` (a :class:`Trial` dict holding its resolved config) or ``pack`` (a
-    list of them, trained together), ``sweep`` (:func:`sweep_context`), ``resume_run`` (a Ray
+    list of them, trained together), ``sweep`` (:func:`sweep_context` of the first trial's
+    ablation), in a batch ``sweeps`` (ablation name -> its context: a member's run goes
+    under its own ablation's parent run), ``resume_run`` (a Ray
     Train run name to continue), ``run_name`` and, in a search, ``search`` (sampled dotted
     key -> value) and ``report_metric`` (only results holding this metric reach Tune, and
     the last step's result only once the run is closed, see ``MetricReportCallback``).
@@ -184,7 +209,7 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("report_metric"):
         options.callbacks = [MetricReportCallback(config["report_metric"], cfg.train.num_steps)]
     options.run_name = config.get("run_name") or member_run_name(sweep, trial)
-    options.tags = trial_tags(trial, sweep)
+    options.tags = trial_tags(trial, sweep, config.get("sweeps"))
     outcome = train(cfg, options)
     return {"run_id": outcome.run_id, **outcome.metrics, **outcome.timings}
 
@@ -195,14 +220,25 @@ def member_run_name(sweep: dict[str, Any], trial: Trial) -> str:
 
 
 def _run_pack(trials: list[Trial], config: dict[str, Any], options: Any) -> dict[str, Any]:
-    """Trains a pack's trials on one backbone pass; each member is keyed by its slug."""
+    """Trains a pack's trials on one backbone pass; each member is keyed by its slug (in a
+    batch over several ablation files, by its :attr:`~Trial.qualified_slug`)."""
     from evl_platform.train.launcher import PackMember, train_pack
 
-    sweep = config["sweep"]
+    sweeps = config.get("sweeps") or {}
     options.run_name = config.get("run_name")
-    members = [
-        PackMember(t.slug, t.cfg, member_run_name(sweep, t), trial_tags(t, sweep)) for t in trials
-    ]
+    members = []
+    for t in trials:
+        sweep = sweeps.get(t.ablation, config["sweep"])
+        members.append(
+            PackMember(
+                t.qualified_slug if sweeps else t.slug,
+                t.cfg,
+                member_run_name(sweep, t),
+                trial_tags(t, sweep, sweeps),
+                experiment=sweep["experiment"],
+                parent_run_id=sweep["parent_run_id"],
+            )
+        )
     outcomes = train_pack(members, options)
     result: dict[str, Any] = {"run_id": ",".join(o.run_id for o in outcomes.values())}
     for key, outcome in outcomes.items():
@@ -212,19 +248,26 @@ def _run_pack(trials: list[Trial], config: dict[str, Any], options: Any) -> dict
 
 
 def grid_configs(
-    todo: Sequence[PackTodo], context: dict[str, Any], memory: Sequence[int] | None = None
+    todo: Sequence[PackTodo],
+    context: dict[str, Any],
+    memory: Sequence[int] | None = None,
+    sweeps: Mapping[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Each Tune trial's config: one trial's, or a pack's, with the Ray ``memory`` its actor
-    reserves (``memory``, one per Tune trial; default :data:`TRIAL_ACTOR_MEMORY`)."""
+    reserves (``memory``, one per Tune trial; default :data:`TRIAL_ACTOR_MEMORY`). In a batch
+    over several ablation files, ``sweeps`` maps each ablation to its context; a Tune trial's
+    ``sweep`` is then its first trial's."""
     configs = []
     reserve = memory or [TRIAL_ACTOR_MEMORY] * len(todo)
     for item, reserved in zip(todo, reserve, strict=True):
         common = {
-            "sweep": context,
+            "sweep": (sweeps or {}).get(item.trials[0].ablation, context),
             "resume_run": item.resume_run,
             "run_name": item.run_name,
             "memory": reserved,
         }
+        if sweeps:
+            common["sweeps"] = dict(sweeps)
         if item.packed:
             configs.append({"pack": [t.to_dict() for t in item.trials], **common})
         else:
@@ -240,9 +283,11 @@ def run_grid(
     max_concurrent: int | None,
     finished_before: int,
     quiet: bool,
+    sweeps: Mapping[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs the Tune trials of a grid sweep (single trials and packs), ``max_concurrent`` at a
-    time.
+    time (default: what ``plan``'s resources fit in the cluster). ``sweeps``: a batch's
+    contexts by ablation (:func:`grid_configs`); ``context`` names the Tune run.
 
     Returns:
         Each Tune trial's last result (with its time per phase).
@@ -250,8 +295,10 @@ def run_grid(
     from ray import tune
 
     concurrent = max_concurrent or default_concurrency(plan)
-    res = plan.ablation.spec.resources
-    memory = [trial_memory(t, use_gpu=res.use_gpu, num_workers=res.num_workers) for t in todo]
+    memory = []
+    for item in todo:
+        res = (sweeps or {}).get(item.trials[0].ablation, context)["resources"]
+        memory.append(trial_memory(item, use_gpu=res["use_gpu"], num_workers=res["num_workers"]))
     progress = TrialProgress(
         total=sum(len(t.trials) for t in todo) + finished_before,
         finished=finished_before,
@@ -262,7 +309,7 @@ def run_grid(
     print(f"running {len(todo)} Tune trials{shown}, {concurrent} at a time", flush=True)
     tuner = tune.Tuner(
         tune.with_resources(run_trial, trial_resources),
-        param_space={"entry": tune.grid_search(grid_configs(todo, context, memory))},
+        param_space={"entry": tune.grid_search(grid_configs(todo, context, memory, sweeps))},
         # A finished trial's actor runs the next one: its process, imports and MLflow store
         # carry over (each trial's TorchTrainer has ended, unlike an early-stopped search
         # sample's, see search.py).

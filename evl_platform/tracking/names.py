@@ -109,6 +109,20 @@ TAG_SEED = "seed"
 TAG_TRIAL = "trial"  # the trial's key within its sweep, e.g. none/ssv2/seed0
 TAG_SWEEP = "sweep"  # the parent run's name
 TAG_EARLY_STOPPED = "early_stopped"  # "true" when the search scheduler (ASHA) stopped the trial
+# Every table cell a sweep's training run fills (a run of a batch over several ablation files
+# fills each cell of an identical trial): a JSON list of {ablation, paper_table, row,
+# dataset_key, trial, parent_run_id}, one entry per cell, its own table's first.
+TAG_CELLS = "evl.cells"
+# One tag per (ablation, dataset column) the run fills, its value the paper row, so that a
+# search finds it: tags.`cell.feature_layers.k400` = '-4,-3,-2,-1'.
+TAG_CELL_PREFIX = "cell."
+TAG_BATCH = "evl.batch"  # on a sweep's parent run: the batch (several ablation files) it ran in
+
+
+def cell_tag(ablation: str, dataset_key: str) -> str:
+    """The tag naming the row a run fills in ``ablation``'s ``dataset_key`` column."""
+    return f"{TAG_CELL_PREFIX}{ablation}.{dataset_key}"
+
 
 # Artifacts of a training run.
 ARTIFACT_CONFIG = "config.yaml"

@@ -74,9 +74,13 @@ class PackMember:
         cfg: its resolved config.
         run_name: its MLflow run name.
         tags: its own MLflow tags (the sweep's variant tags), added to ``TrainOptions.tags``.
+        experiment / parent_run_id: its MLflow experiment and parent run, when they are not
+            ``TrainOptions``' (a pack across ablation files: each member under its table's).
     """
 
     key: str
     cfg: ExperimentConfig
     run_name: str
     tags: Mapping[str, str] = field(default_factory=dict)
+    experiment: str | None = None
+    parent_run_id: str | None = None

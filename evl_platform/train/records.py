@@ -92,11 +92,14 @@ def create_run(
     tracker: Tracker,
     run_name: str,
     tags: Mapping[str, str],
+    member: PackMember | None = None,
 ) -> RunRecord:
-    """A new MLflow run with the config's params and the model's size, and its record."""
-    mlflow_experiment = options.mlflow_experiment or cfg.name
+    """A new MLflow run with the config's params and the model's size, and its record (a pack
+    ``member`` naming its own experiment and parent run goes there)."""
+    mlflow_experiment = (member and member.experiment) or options.mlflow_experiment or cfg.name
+    parent_run_id = (member and member.parent_run_id) or options.parent_run_id
     run_id = tracker.create_run(
-        mlflow_experiment, run_name=run_name, tags=dict(tags), parent_run_id=options.parent_run_id
+        mlflow_experiment, run_name=run_name, tags=dict(tags), parent_run_id=parent_run_id
     )
     params = flatten_config(cfg) | {
         "run.num_workers": options.num_workers,
@@ -145,7 +148,7 @@ def open_pack(
     records = {}
     for m in members:
         tags = run_tags(m.cfg, options, name) | dict(m.tags) | {names.TAG_PACK: name}
-        records[m.key] = create_run(m.cfg, options, tracker, m.run_name, tags)
+        records[m.key] = create_run(m.cfg, options, tracker, m.run_name, tags, m)
     pack = PackRecord(name, records, datetime.datetime.now().isoformat())
     pack.write(storage)
     return pack
