@@ -320,4 +320,6 @@ def test_feature_reuse_skips_the_backbone_and_matches_video_training(tmp_path: P
     # 40 validation videos: one video is 2.5 points; the runs differ only in the training
     # clips' temporal offsets (fixed cached views vs random ones).
     assert abs(second[names.VAL_ACC1] - videos[names.VAL_ACC1]) <= 15, results
-    assert min(second[names.VAL_ACC1], videos[names.VAL_ACC1]) >= 40, results  # chance: 10
+    # well above chance (10): the exact figure follows the CPU's float kernels (commit
+    # 11059e6 gives 35 and 37.5 on an AMD EPYC, 40 and more on an Intel Xeon)
+    assert min(second[names.VAL_ACC1], videos[names.VAL_ACC1]) >= 30, results

@@ -5,13 +5,15 @@ same videos and frame indices, drawn with the dataset's own per-item seeds, deco
 decoder at the same size. The raw side only opens each video and fetches those frames; the
 loader side also samples, crops, augments (unless ``data.augment.on`` is ``device``: then the
 batches carry their augmentation plans), collates and ships batches to the main process.
-Both are timed in steady state (workers already started, files already in the page cache), in
-three interleaved rounds whose best clips/s counts on each side, and the ratio of those is the
-loader's efficiency; the loader's clips/s per worker process
-is what one CPU core delivers, the figure that sizes CPUs per GPU. RandAugment and the flip are
-also timed on their own, per clip: the loader's numpy kernels on one core, and the batched
-torch kernels on the training device (CUDA when present, the CPU otherwise), so the output says
-what moving them off the loader saves and costs.
+Both are timed over all the clips, from the first request to the last result, with their
+worker processes already started and the files in the page cache, in three interleaved rounds
+whose best clips/s counts on each side; the ratio of those is the loader's efficiency. The
+loader's clips/s per worker process is what one CPU core delivers, the figure that sizes CPUs
+per GPU. A loader epoch has a fixed start-up (its workers are told to begin), so time a few
+hundred clips for a steady figure. RandAugment and the flip are also timed on their own, per
+clip: the loader's numpy kernels on one core, and the batched torch kernels on the training
+device (CUDA when present, the CPU otherwise), so the output says what moving them off the
+loader saves and costs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ import torch
 from evl_platform.config import ExperimentConfig
 from evl_platform.data.augment_device import apply_plans
 from evl_platform.data.dataset import VideoDataset, VideoLoader
-from evl_platform.data.decode import DECODER_MODULES, check_decoder, decode_views
+from evl_platform.data.decode import (
+    DECODER_MODULES,
+    VideoError,
+    check_decoder,
+    decode_views,
+    open_video,
+)
 from evl_platform.data.errors import DataSourceError
 from evl_platform.data.rand_augment import apply_plan
 from evl_platform.data.source import create_dataset, read_splits
@@ -61,6 +69,7 @@ class DataBench:
     augment_device_ms: float | None = None  # batched torch kernels, per clip
     augment_device: str = ""
     batch: int = 1  # clips per loader batch
+    skipped: int = 0  # the split's videos left out: they do not open with enough frames
 
     @property
     def ratio(self) -> float:
@@ -107,6 +116,11 @@ class DataBench:
                 f"  per clip, 1 core decode {self.decode_ms:.2f} ms, "
                 f"sample + transform {self.transform_ms:.2f} ms (CPU time)",
                 *self._augment_lines(),
+                *(
+                    [f"  skipped          {self.skipped} unusable video(s) of the split"]
+                    if self.skipped
+                    else []
+                ),
             ]
         )
 
@@ -153,6 +167,27 @@ def _raw_decode(task: tuple[str, int, int, tuple]) -> int:
     return sum(len(v) for v in views)
 
 
+def _usable_records(dataset: VideoDataset) -> tuple[list[int], int]:
+    """The split's records that open with enough frames (both sides time the same good
+    clips; the loader's replacement of bad videos is not what is measured), and how many did
+    not.
+
+    Raises:
+        DataSourceError: none of them does.
+    """
+    usable = []
+    for index, record in enumerate(dataset.records):
+        try:
+            with open_video(record.path, dataset.decoder) as reader:
+                if reader.num_frames >= dataset.min_frames:
+                    usable.append(index)
+        except VideoError:
+            pass
+    if not usable:
+        raise DataSourceError(f"{dataset.annotations.source}: no usable video to time")
+    return usable, len(dataset.records) - len(usable)
+
+
 def _one_thread() -> None:
     torch.set_num_threads(1)
 
@@ -165,18 +200,17 @@ def _raw_rate(dataset: VideoDataset, indices: list[int], workers: int, epoch: in
     with concurrent.futures.ProcessPoolExecutor(workers, initializer=_one_thread) as pool:
         list(pool.map(_raw_decode, tasks[: workers * 2]))  # start the processes
         start = time.perf_counter()
-        list(pool.map(_raw_decode, tasks, chunksize=8))
+        # chunks small enough that every process gets an equal share of them
+        list(pool.map(_raw_decode, tasks, chunksize=max(1, min(8, len(tasks) // (4 * workers)))))
         return len(tasks) / (time.perf_counter() - start)
 
 
-def _loader_rate(dataset: VideoDataset, workers: int, batch_size: int, epoch: int) -> float:
-    loader = VideoLoader(
-        dataset, batch_size=batch_size, num_workers=workers, shuffle=False, max_bad_fraction=1.0
-    )
-    batches = loader.epoch(epoch)
-    next(batches)  # workers started, first batch delivered
+def _loader_rate(loader: VideoLoader, epoch: int) -> float:
+    """Clips/s of one whole epoch of ``loader`` (its persistent workers already started):
+    timed from asking for the first batch to the last, as the raw side is timed from its
+    first task to its last."""
     start, clips = time.perf_counter(), 0
-    for batch in batches:
+    for batch in loader.epoch(epoch):
         clips += len(batch.labels)
     return clips / (time.perf_counter() - start)
 
@@ -277,7 +311,8 @@ def bench_data(
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"decoder": decoder})})
     annotations = read_splits(cfg.data)[split]
     dataset = create_dataset(cfg, annotations, train=split == "train")
-    indices = [i % len(dataset) for i in range(clips)]
+    usable, bad = _usable_records(dataset)
+    indices = [usable[i % len(usable)] for i in range(clips)]
     subset = VideoDataset(
         dataclasses.replace(annotations, records=tuple(dataset.records[i] for i in indices)),
         data=cfg.data,
@@ -290,10 +325,15 @@ def bench_data(
     per_clip = _per_clip_ms(subset, list(range(min(64, clips))))
     if batch is None:
         batch = max(1, min(cfg.train.batch_size, clips // (4 * workers) or 1))
+    video_loader = VideoLoader(
+        subset, batch_size=batch, num_workers=workers, shuffle=False, max_bad_fraction=1.0
+    )
+    next(video_loader.epoch(1))  # start the persistent workers
     loader = raw = 0.0
     for _ in range(ROUNDS):  # interleaved, best of each: a busy moment hits both sides alike
-        loader = max(loader, _loader_rate(subset, workers, batch, epoch=1))
+        loader = max(loader, _loader_rate(video_loader, epoch=1))
         raw = max(raw, _raw_rate(subset, list(range(clips)), workers, epoch=1))
+    del video_loader  # its worker processes end
     sample = subset[0].clip
     return DataBench(
         experiment=cfg.name,
@@ -303,6 +343,7 @@ def bench_data(
         clip_shape=tuple(sample.shape),
         workers=workers,
         batch=batch,
+        skipped=bad,
         decoder=cfg.data.decoder,
         decode_short_side=subset.short_side,
         raw_clips_per_s=raw,
