@@ -194,9 +194,18 @@ def test_ddp_wraps_only_the_trainable_part_and_trains_as_one_process(tmp_path: P
     model = create_model(cfg)
     optimization = Optimization.create(model, cfg.train, CPU)
     alone = [_train(EVLForward(model), _batch(4, seed=s), optimization) for s in (1, 2)]
-    for key, value in model.decoder.state_dict().items():  # Adam's first steps amplify noise
+    # Adam's first steps move a weight by about the learning rate whatever its gradient's
+    # size, so a weight whose gradient is rounding noise (summed in another order over two
+    # ranks: attention's key biases, whose true gradient is 0) may go either way, up to
+    # 2 x lr after 2 steps; nearly all weights agree closely
+    loose = total = 0
+    for key, value in model.decoder.state_dict().items():
         assert torch.equal(ranks[0]["decoder"][key], ranks[1]["decoder"][key]), key
-        torch.testing.assert_close(ranks[0]["decoder"][key], value, rtol=1e-3, atol=1e-4)
+        differ = (ranks[0]["decoder"][key] - value).abs()
+        assert differ.max() <= 2 * cfg.train.lr, key
+        loose += int((differ > 1e-5 + 1e-3 * value.abs()).sum())
+        total += value.numel()
+    assert loose <= 0.01 * total, (loose, total)
     means = [sum(r["losses"][i] for r in ranks) / 2 for i in range(2)]
     assert means == pytest.approx(alone, rel=1e-5)
 
