@@ -23,10 +23,12 @@ ON = {"model.decoder.temporal_conv": True, "model.decoder.temporal_pos_embed": T
 OFF = {"model.decoder.temporal_conv": False, "model.decoder.temporal_pos_embed": False}
 
 
-def write_batch(tmp_path: Path, layout: SyntheticLayout, **train: object) -> list[Path]:
+def write_batch(
+    tmp_path: Path, layout: SyntheticLayout, extra: dict | None = None, **train: object
+) -> list[Path]:
     """Two tiny ablation files over one experiment (2 decoder layers): ``tab_a`` (Table 8a:
-    ``all``) and ``tab_b`` (Table 6a+8b: ``d1``, ``d2`` and ``none``), ``tab_b``'s ``d2``
-    identical to ``tab_a``'s ``all``; packs of at most 2."""
+    ``all``) and ``tab_b`` (Table 6a+8b: ``d1``, ``d2`` and ``none``, then the ``extra``
+    variants), ``tab_b``'s ``d2`` identical to ``tab_a``'s ``all``; packs of at most 2."""
     schedule = {"num_steps": 2, "batch_size": 4, "log_every": 1, "eval_every": 2, "amp": "none"}
     schedule |= {"checkpoint_every": 2, **train}
     data = layout_data(layout, augment=FIXED_VIEWS)
@@ -40,6 +42,7 @@ def write_batch(tmp_path: Path, layout: SyntheticLayout, **train: object) -> lis
             "d1": {"row": "1", "set": {"model.decoder.num_layers": 1, **ON}},
             "d2": {"row": "2", "set": {"model.decoder.num_layers": 2, **ON}},
             "none": OFF,
+            **(extra or {}),
         }
     }
     paths = []
@@ -126,3 +129,30 @@ def test_a_tables_copies_read_the_run_that_trained_them_and_the_report_every_cel
     }
     [cell] = run_cells(pd.Series(plain))  # a run from before batches: its own tags
     assert (cell["ablation"], cell["row"], cell["parent_run_id"]) == ("tab_a", "all", "p")
+
+
+def _plain(value: object) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def test_a_trial_crosses_into_tune_as_plain_data(
+    tmp_path: Path, motion_small: SyntheticLayout
+) -> None:
+    """Tune stands a placeholder in for any other object in a grid value and looks for it at
+    the same place in the next grid value: a pack whose trial fills another table's cell
+    (``also``) followed by one whose trials fill none crashed the batch there."""
+    from evl_platform.sweep.plan import Trial
+
+    batch = plan_batch(write_batch(tmp_path, motion_small))
+    [home] = batch.plans[0].trials
+    for trial in (home, *batch.plans[1].trials):
+        data = trial.to_dict()
+        assert _plain(data), data
+        assert Trial.from_dict(data) == trial
+    assert home.to_dict()["also"] == [
+        {"ablation": "tab_b", "key": "d2/ssv2/seed0", "row": "2", "dataset": "ssv2"}
+    ]

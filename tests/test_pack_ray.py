@@ -3,24 +3,18 @@
 A pack of two variants is tracked as two runs, each as its variant trained alone would be
 (metrics step by step, params, artifacts, MLflow model) plus the pack tag; a member whose loss
 goes non-finite ends FAILED with the reason while its pack-mate FINISHES. A packed sweep
-killed with SIGKILL mid-pack is finished by ``--resume`` with one FINISHED run per variant,
-the finished pack left alone and the interrupted one continued in its own runs.
+killed with SIGKILL mid-pack and finished by ``--resume``: test_batch_ray.py.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import ray
 import torch
-import yaml
 from conftest import layout_data, write_config
 from mlflow.tracking import MlflowClient
 from torch import nn
@@ -29,7 +23,6 @@ from worker_faults import InjectIntoWorkers, WorkerMember
 from evl_platform.config import ExperimentConfig, apply_overrides
 from evl_platform.data.synth import SyntheticLayout
 from evl_platform.runtime.storage import PackRecord
-from evl_platform.sweep.runner import SweepOptions, run_sweep
 from evl_platform.tracking import names
 from evl_platform.train.launcher import PackMember, TrainOptions, train, train_pack
 from evl_platform.train.loop import Callback, StepResult
@@ -142,100 +135,3 @@ def test_a_pack_tracks_each_member_as_alone_and_a_non_finite_member_fails_alone(
     }
     record = PackRecord.read(str(tmp_path / "storage"), "pack0")
     assert record is not None and sorted(record.members) == ["conv", "pe"]
-
-
-def _packed_ablation(tmp_path: Path, layout: SyntheticLayout) -> Path:
-    schedule = {
-        "num_steps": 40,
-        "batch_size": 4,
-        "log_every": 4,
-        "eval_every": 20,
-        "checkpoint_every": 4,
-        "amp": "none",
-    }
-    features = {"reuse": True, "train_views": 1, "cache_dir": str(tmp_path / "features")}
-    data = layout_data(layout, augment=FIXED_VIEWS)
-    write_config(tmp_path / "exp.yaml", data, train=schedule, features=features)
-    modules = ("temporal_conv", "temporal_pos_embed")
-    variants = {
-        name: {f"model.decoder.{m}": on for m, on in zip(modules, flags, strict=True)}
-        for name, flags in {
-            "none": (False, False),
-            "conv": (True, False),
-            "pe": (False, True),
-            "all": (True, True),
-        }.items()
-    }
-    ablation = {
-        "name": "packed",
-        "table": {"paper": "8a", "columns": {"ssv2": "SSv2"}},
-        "experiments": {"ssv2": "exp.yaml"},
-        "variants": variants,
-        "sweep": {"pack_size": 2},
-    }
-    path = tmp_path / "packed.yaml"
-    path.write_text(yaml.safe_dump(ablation, sort_keys=False))
-    return path
-
-
-def test_a_packed_sweep_killed_mid_pack_is_finished_by_resume(
-    tmp_path: Path, motion_small: SyntheticLayout
-) -> None:
-    ablation = _packed_ablation(tmp_path, motion_small)
-    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "storage")
-    args = [str(ablation), "--max-concurrent", "1", "--tracking-uri", uri]
-    _runs(tmp_path)  # create the store's tables before two processes race to
-    address = ray.get_runtime_context().gcs_address
-    log = tmp_path / "driver.log"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "evl_platform.cli", "sweep", *args, "--storage-path", storage],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env=os.environ | {"RAY_ADDRESS": address},
-    )
-    try:  # kill the driver once the first pack has finished and the second has checkpointed
-        deadline = time.monotonic() + 300
-        while True:
-            assert driver.poll() is None, f"the sweep ended early: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no second pack mid-way within 300 s"
-            trials = [r for r in _runs(tmp_path) if r.data.tags.get(names.TAG_KIND) == "train"]
-            running = [r for r in trials if r.info.status == "RUNNING"]
-            if (
-                len(trials) == 4
-                and running
-                and all(_history(tmp_path, r.info.run_id, names.TRAIN_LOSS) for r in running)
-            ):
-                break
-            time.sleep(0.3)
-    finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
-    before = {
-        r.data.tags[names.TAG_TRIAL]: r for r in _runs(tmp_path) if names.TAG_TRIAL in r.data.tags
-    }
-    finished = {k: r.info.run_id for k, r in before.items() if r.info.status == "FINISHED"}
-    unfinished = {k: r.info.run_id for k, r in before.items() if r.info.status == "RUNNING"}
-    assert len(finished) == 2 and len(unfinished) == 2, log.read_text()[-3000:]
-    packs = {before[k].data.tags[names.TAG_PACK] for k in unfinished}
-    assert len(packs) == 1  # the two unfinished variants are one pack
-
-    outcome = run_sweep(
-        ablation,
-        SweepOptions(
-            resume=True, max_concurrent=1, tracking_uri=uri, storage_path=storage, quiet=True
-        ),
-    )
-
-    trials = [r for r in _runs(tmp_path) if r.data.tags.get(names.TAG_KIND) == "train"]
-    assert sorted(r.data.tags[names.TAG_TRIAL] for r in trials) == [
-        f"{v}/ssv2/seed0" for v in sorted(("none", "conv", "pe", "all"))
-    ]
-    assert all(r.info.status == "FINISHED" for r in trials)
-    for key, run_id in {**finished, **unfinished}.items():  # the same runs: none started again
-        assert outcome.trial_runs[key] == run_id
-        steps = [s for s, _ in _history(tmp_path, run_id, names.TRAIN_LOSS)]
-        assert steps == list(range(4, 41, 4))  # no gap, no duplicate
-    assert {
-        r.data.tags[names.TAG_PACK] for r in trials if r.info.run_id in unfinished.values()
-    } == packs
-    assert outcome.failed == []

@@ -133,7 +133,7 @@ def _terminate_self(
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_sigterm_stops_a_sweep_with_its_parent_run_killed(
+def test_sigterm_stops_a_sweep_with_its_parent_run_killed_and_resume_finishes_it(
     tmp_path: Path,
     motion_small: SyntheticLayout,
     monkeypatch: pytest.MonkeyPatch,
@@ -150,16 +150,10 @@ def test_sigterm_stops_a_sweep_with_its_parent_run_killed(
     monkeypatch.setattr("evl_platform.sweep.runner._run_trials", _terminate_self)
     before = signal.getsignal(signal.SIGTERM)
 
-    code = main(
-        [
-            "sweep",
-            str(tmp_path / "stopped.yaml"),
-            "--tracking-uri",
-            f"sqlite:///{tmp_path}/mlflow.db",
-            "--storage-path",
-            str(tmp_path / "storage"),
-        ]
-    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["sweep", str(tmp_path / "stopped.yaml"), "--tracking-uri", uri]
+    args += ["--storage-path", str(tmp_path / "storage")]
+    code = main(args)
 
     assert code == 143
     err = capsys.readouterr().err  # MLflow's INFO lines on creating the store come first
@@ -168,3 +162,15 @@ def test_sigterm_stops_a_sweep_with_its_parent_run_killed(
     assert len(runs) == 2 and runs.pop("trial") == "KILLED"  # its trainer died with the driver
     assert list(runs.values()) == ["KILLED"]  # the parent
     assert signal.getsignal(signal.SIGTERM) is before
+    [parent] = [r for r in _runs(tmp_path) if r.data.tags.get(names.TAG_KIND) == "sweep"]
+
+    monkeypatch.undo()  # --resume reopens the killed parent and trains what it lacks
+    assert main([*args, "--resume"]) == 0
+    runs = _runs(tmp_path)
+    [after] = [r for r in runs if r.data.tags.get(names.TAG_KIND) == "sweep"]
+    assert after.info.run_id == parent.info.run_id and after.info.status == "FINISHED"
+    [trained] = [r for r in runs if r.data.tags.get(names.TAG_TRIAL) == "none/ssv2/seed0"]
+    assert trained.info.status == "FINISHED" and names.VAL_ACC1 in trained.data.metrics
+    assert trained.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    files = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id)}
+    assert names.ARTIFACT_RESULTS_CSV in files

@@ -1,19 +1,12 @@
-"""Sweeps on real Ray Tune + Ray Train with a real MLflow store (sqlite).
-
-A reduced ablation (2 variants of the micro backbone on the small motion stand-in, a few
-steps, one Tune trial each) is killed mid-way with SIGKILL and finished with ``--resume``:
-the store must then hold one parent run with exactly one finished run per trial, and the
-trial that had finished before the kill must not have been run again. The ensemble stage is
-checked on score files.
+"""Sweeps on real Ray Tune + Ray Train with a real MLflow store (sqlite): a reduced ablation
+(2 variants of the micro backbone on the small motion stand-in, a few steps) planned once on
+the driver, a search's samples, and the ensemble stage on score files. A sweep killed with
+SIGKILL and finished with ``--resume``: test_batch_ray.py; stopped by SIGTERM and resumed:
+test_sigterm.py.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -70,106 +63,6 @@ def _reduced_ablation(tmp_path: Path, layout: SyntheticLayout) -> Path:
     path = tmp_path / "reduced.yaml"
     path.write_text(yaml.safe_dump(ablation, sort_keys=False))
     return path
-
-
-def test_killed_sweep_is_finished_by_resume_with_one_run_per_trial(
-    tmp_path: Path, motion_small: SyntheticLayout
-) -> None:
-    import ray
-
-    ablation = _reduced_ablation(tmp_path, motion_small)
-    args = [
-        str(ablation),
-        "--no-pack",  # one Tune trial per variant (a packed sweep: test_pack_ray.py)
-        "--max-concurrent",
-        "1",
-        "--tracking-uri",
-        f"sqlite:///{tmp_path}/mlflow.db",
-        "--storage-path",
-        str(tmp_path / "storage"),
-    ]
-    _runs(tmp_path)  # create the store's tables before two processes race to
-    address = ray.get_runtime_context().gcs_address
-    log = tmp_path / "driver.log"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "evl_platform.cli", "sweep", *args, "--address", address],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env=os.environ | {"RAY_ADDRESS": address},
-    )
-    try:  # kill the driver once the first trial has finished and the second has started
-        deadline = time.monotonic() + 300
-        while True:
-            assert driver.poll() is None, f"the sweep ended early: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no finished trial within 300 s"
-            trials = [r for r in _runs(tmp_path) if r.data.tags.get(names.TAG_KIND) == "train"]
-            if any(r.info.status == "FINISHED" for r in trials) and len(trials) == 2:
-                break
-            time.sleep(0.5)
-    finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
-    before = {
-        r.data.tags[names.TAG_TRIAL]: r for r in _runs(tmp_path) if names.TAG_TRIAL in r.data.tags
-    }
-    finished_before = {k: r.info.run_id for k, r in before.items() if r.info.status == "FINISHED"}
-    assert len(finished_before) == 1
-    [parent] = [r for r in _runs(tmp_path) if r.data.tags.get(names.TAG_KIND) == "sweep"]
-    assert parent.info.status == "RUNNING"
-
-    outcome = run_sweep(
-        ablation,
-        SweepOptions(
-            resume=True,
-            pack=False,
-            max_concurrent=1,
-            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-            storage_path=str(tmp_path / "storage"),
-            quiet=True,
-        ),
-    )
-
-    runs = _runs(tmp_path)
-    [parent_after] = [r for r in runs if r.data.tags.get(names.TAG_KIND) == "sweep"]
-    assert parent_after.info.run_id == parent.info.run_id == outcome.parent_run_id
-    assert parent_after.info.status == "FINISHED"
-    trials = [r for r in runs if r.data.tags.get(names.TAG_KIND) == "train"]
-    assert sorted(r.data.tags[names.TAG_TRIAL] for r in trials) == [
-        "all/ssv2/seed0",
-        "none/ssv2/seed0",
-    ]
-    for run in trials:
-        tags = run.data.tags
-        assert run.info.status == "FINISHED"
-        assert tags["mlflow.parentRunId"] == parent.info.run_id
-        assert tags[names.TAG_ABLATION] == "reduced" and tags[names.TAG_PAPER_TABLE] == "8a"
-        assert tags[names.TAG_DATASET_KEY] == "ssv2" and tags[names.TAG_SEED] == "0"
-        assert tags[names.TAG_VARIANT] == tags[names.TAG_TRIAL].split("/")[0]
-        assert names.VAL_ACC1 in run.data.metrics
-        history = _client(tmp_path).get_metric_history(run.info.run_id, names.TRAIN_LOSS)
-        assert sorted(m.step for m in history) == [4, 8, 12]  # no gap, no duplicate
-    # the trial that finished before the kill was not run again
-    for key, run_id in finished_before.items():
-        assert outcome.trial_runs[key] == run_id
-    # results table: in the terminal object, on disk and as parent artifacts
-    for run in trials:
-        cell = outcome.table.cell(run.data.tags[names.TAG_VARIANT], "ssv2")
-        assert cell.values == [run.data.metrics[names.VAL_ACC1]]
-    frame = pd.read_csv(outcome.results_dir / "results.csv")
-    assert list(frame["variant"]) == ["none", "all"] and list(frame["n"]) == [1, 1]
-    artifacts = {a.path for a in _client(tmp_path).list_artifacts(parent.info.run_id)}
-    assert {names.ARTIFACT_ABLATION, names.ARTIFACT_RESULTS_CSV, names.ARTIFACT_RESULTS_MD} <= (
-        artifacts
-    )
-    # the report puts each trial in Table 8a's SSv2 column (rows the paper has not: appended)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert main(["report", "--out", str(tmp_path / "report"), "--tracking-uri", uri]) == 0
-    table = pd.read_csv(tmp_path / "report" / "tables" / "table_8a.csv", dtype=str)
-    table = table.set_index("row")
-    for run in trials:
-        row = table.loc[run.data.tags[names.TAG_VARIANT]]
-        assert float(row["SSv2"]) == pytest.approx(run.data.metrics[names.VAL_ACC1], abs=1e-4)
-        assert row["SSv2_n"] == "1"
 
 
 def _score_file(path: Path, correct: np.ndarray) -> Path:

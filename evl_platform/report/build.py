@@ -213,7 +213,28 @@ def _header(collection: Collection, runs: pd.DataFrame, profile: str) -> dict[st
         "runs up to": newest,
         "tracking store": collection.uri,
         "experiments": ", ".join(collection.experiments) or "none",
+        **({"sweeps": sweeps} if (sweeps := _sweeps(runs, profile)) else {}),
     }
+
+
+def _sweeps(runs: pd.DataFrame, profile: str) -> str:
+    """How the sweeps ran: each batch (several ablation files in one ``evl-platform sweep``)
+    with its tables and wall time, first table's start to last table's end (a resumed batch
+    includes the pause), and how many single-file sweeps."""
+    mine = runs[runs[names.TAG_PROFILE] == profile]
+    parents = mine[mine[names.TAG_KIND] == names.KIND_SWEEP]
+    parts = []
+    batched = parents[parents[names.TAG_BATCH].notna()]
+    for batch, group in batched.groupby(names.TAG_BATCH, sort=True):
+        minutes = (group["end_time"].max() - group["start_time"].min()) / 60_000
+        wall = f", {minutes:.1f} min wall" if pd.notna(minutes) else ""
+        tables = ", ".join(sorted(group[names.TAG_ABLATION].dropna()))
+        files = f"{len(group)} ablation file{'s' if len(group) > 1 else ''}"
+        parts.append(f"{batch}: {files} in one sweep ({tables}){wall}")
+    single = len(parents) - len(batched)
+    if single:
+        parts.append(f"{single} single-file sweep{'s' if single > 1 else ''}")
+    return "; ".join(parts)
 
 
 def _figures(

@@ -9,6 +9,7 @@ stand-in and the ``table`` block of each sweep's ablation file (from the sweep's
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -48,6 +49,7 @@ TAGS = (
     names.TAG_SEED,
     names.TAG_TRIAL,
     names.TAG_CELLS,
+    names.TAG_BATCH,
     names.TAG_EARLY_STOPPED,
     names.TAG_MEMBER_A,
     names.TAG_MEMBER_B,
@@ -117,6 +119,8 @@ def collect(
     else:
         chosen = sorted(known)
     runs = [(name, run) for name in sorted(chosen) for run in tracker.search(name)]
+    if experiments:
+        runs += _copies(tracker, chosen, sorted(set(known) - set(chosen)))
     frame = _runs_frame(runs)
     return Collection(
         uri=tracker.uri,
@@ -127,6 +131,22 @@ def collect(
         ablation_tables=_ablation_tables(tracker, frame, missing),
         missing=missing,
     )
+
+
+def _copies(
+    tracker: Tracker, chosen: Sequence[str], others: Sequence[str]
+) -> list[tuple[str, Run]]:
+    """The runs of ``others`` that also fill a cell of a chosen ablation: a batch over several
+    ablation files trains an identical trial once, under one table's experiment, and lists
+    every table it fills in its ``evl.cells`` tag (a sweep's experiment is named after its
+    ablation)."""
+    found = []
+    for ablation in chosen:
+        entry = json.dumps({"ablation": ablation})[1:-1].replace("'", "''")  # as tagged
+        query = f"tags.`{names.TAG_CELLS}` LIKE '%{entry}%'"
+        found += [(other, run) for other in others for run in tracker.search(other, query)]
+    unique = {run.info.run_id: (other, run) for other, run in found}
+    return list(unique.values())
 
 
 @contextlib.contextmanager

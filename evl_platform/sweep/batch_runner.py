@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +32,10 @@ from evl_platform.sweep.runner import (
     kill_open_trials,
     prepare_features,
     resolve_data,
+    table_outcome,
 )
 from evl_platform.sweep.runs import SweepParent, open_parent, triage, trial_runs
-from evl_platform.sweep.summary import failed_trials, results_table, write_results
+from evl_platform.sweep.summary import results_table
 from evl_platform.sweep.trials import run_grid, sweep_context
 from evl_platform.tracking import names
 from evl_platform.tracking.client import Tracker
@@ -84,6 +85,8 @@ def run_batch(batch: BatchPlan, options: SweepOptions | None = None) -> BatchOut
                 parents[plan.ablation.name] = open_parent(
                     tracker, plan, resume=options.resume, tags=tags
                 )
+            if options.resume:  # the batch keeps its name: the reopened parents' tag
+                name = _batch_name(tracker, parents.values()) or name
             print(
                 f"batch {name}: {len(batch.plans)} tables, {batch.cells} cells trained by "
                 f"{batch.unique} runs ({tracker.uri})",
@@ -102,6 +105,15 @@ def run_batch(batch: BatchPlan, options: SweepOptions | None = None) -> BatchOut
         finally:
             for parent in parents.values():
                 tracker.terminate(parent.run_id, status)
+
+
+def _batch_name(tracker: Tracker, parents: Iterable[SweepParent]) -> str | None:
+    """The batch tag of the first of ``parents`` that has one."""
+    for parent in parents:
+        tags = tracker.client.get_run(parent.run_id).data.tags
+        if tags.get(names.TAG_BATCH):
+            return tags[names.TAG_BATCH]
+    return None
 
 
 def _now() -> str:
@@ -193,19 +205,8 @@ def _write_tables(
             from evl_platform.sweep.ensembles import run_ensembles
 
             ensembles = run_ensembles(plan, tracker, parents[spec.name], runs)
-        parent = parents[spec.name]
         outcomes.append(
-            SweepOutcome(
-                parent_run_id=parent.run_id,
-                run_name=parent.name,
-                experiment=spec.name,
-                table=table,
-                ensembles=ensembles,
-                results_dir=write_results(parent, storage, table, ensembles, tracker),
-                trial_runs={k: r.info.run_id for k, r in runs.items()},
-                failed=[] if spec.search is not None else failed_trials(plan.trials, runs),
-                seconds=0.0,
-            )
+            table_outcome(plan, tracker, parents[spec.name], storage, runs, table, ensembles)
         )
     return outcomes
 

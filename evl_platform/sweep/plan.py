@@ -15,7 +15,7 @@ import itertools
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +94,13 @@ class Trial:
         return self.config
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data, the config as its JSON dump: what crosses into a Tune trial."""
+        """Plain data (dicts, lists and scalars), the config as its JSON dump: what crosses
+        into a Tune trial. Nothing else may: Tune stands a placeholder in for any other object
+        of a grid value and then looks for it at the same place in every other grid value,
+        which fails where that place holds an empty tuple."""
         data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+        data["overrides"] = list(self.overrides)
+        data["also"] = [asdict(cell) for cell in self.also]
         data["config"] = None if self.config is None else self.config.model_dump(mode="json")
         return data
 
@@ -107,7 +112,7 @@ class Trial:
             **{
                 **data,
                 "overrides": tuple(data["overrides"]),
-                "also": tuple(data.get("also", ())),
+                "also": tuple(TableCell(**cell) for cell in data.get("also", ())),
                 "config": None if config is None else ExperimentConfig.model_validate(config),
             }
         )

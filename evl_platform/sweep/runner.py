@@ -10,9 +10,11 @@ results table (:mod:`.summary`).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mlflow.entities import Run
 
 from evl_platform.runtime.cluster import check_shared
 from evl_platform.runtime.session import ray_session, use_cluster_defaults
@@ -212,6 +214,24 @@ def _run_trials(
 
         with clock.phase(names.TIME_TRACKING):
             ensembles = run_ensembles(planned, tracker, parent, runs)
+    outcome = table_outcome(planned, tracker, parent, storage, runs, table, ensembles)
+    outcome.timings, outcome.tune_trials = clock.seconds, tune_trials
+    return outcome
+
+
+def table_outcome(
+    planned: SweepPlan,
+    tracker: Tracker,
+    parent: SweepParent,
+    storage: str,
+    runs: Mapping[str, Run],
+    table: ResultsTable,
+    ensembles: ResultsTable | None,
+) -> SweepOutcome:
+    """One table's outcome from its runs by trial key: its results written beside its parent
+    run (:func:`~.summary.write_results`) and the trials whose run did not finish (none for a
+    search, whose early-stopped samples are its own business)."""
+    spec = planned.ablation.spec
     return SweepOutcome(
         parent_run_id=parent.run_id,
         run_name=parent.name,
@@ -222,8 +242,6 @@ def _run_trials(
         trial_runs={k: r.info.run_id for k, r in runs.items()},
         failed=[] if spec.search is not None else failed_trials(planned.trials, runs),
         seconds=0.0,
-        timings=clock.seconds,
-        tune_trials=tune_trials,
     )
 
 
