@@ -265,3 +265,18 @@ def test_unreachable_tracking_server_is_one_error(
     err = capsys.readouterr().err
     assert err.startswith(f"error: report to {out}: ") and "Traceback" not in err
     assert not out.exists()
+
+
+def test_an_early_stopped_search_sample_is_not_missing_its_per_class_file(tmp_path: Path) -> None:
+    """ASHA stops a sample before its last evaluation, which writes the per-class file: the
+    report must not list it as missing (a finished run without one still is)."""
+    from evl_platform.report.collect import collect
+
+    store = Store(tmp_path)
+    parent = store.sweep("temporal_modules")
+    plain = store.trial(parent, "- - -", "ssv2", 0, 50.0)
+    stopped = store.trial(parent, "T-Conv", "ssv2", 0, 60.0)
+    store.client.set_tag(stopped, names.TAG_EARLY_STOPPED, "true")
+    missing = collect(store.uri).missing
+    assert f"run {plain} has no {names.ARTIFACT_PER_CLASS} artifact" in missing
+    assert not [line for line in missing if stopped in line]

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from evl_platform.cli import SWEEP_STOPPED, TRAIN_STOPPED, main
 from evl_platform.data.synth import SyntheticLayout
 from evl_platform.runtime.session import Terminated, received_sigterm, stop_on_sigterm
+from evl_platform.runtime.storage import RUN_RECORD
 from evl_platform.sweep.plan import SweepPlan
 from evl_platform.sweep.runs import SweepParent
 from evl_platform.tracking import names
@@ -71,8 +72,16 @@ def test_sigterm_raises_terminated_in_the_block_and_the_handler_comes_back() -> 
 
 @pytest.mark.usefixtures("ray_local")
 def test_sigterm_stops_training_like_ctrl_c_and_resume_finishes_the_run(
-    tmp_path: Path, motion_small: SyntheticLayout
+    tmp_path: Path,
+    motion_small: SyntheticLayout,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """SIGTERM after the first checkpoint; then ``--resume`` with another architecture is
+    refused (one line, nothing touched) and ``--resume`` with more steps, from another working
+    directory, continues the same run. Run records are read through the same filesystem layer
+    as a bucket (s3://, gs://): a ``file://`` URI stands in for one. (A driver killed with
+    SIGKILL, runs left RUNNING, is resumed in test_batch_ray.py.)"""
     config = _experiment(tmp_path, motion_small, num_steps=40)
     args = [
         str(config),
@@ -81,7 +90,7 @@ def test_sigterm_stops_training_like_ctrl_c_and_resume_finishes_the_run(
         "--tracking-uri",
         f"sqlite:///{tmp_path}/mlflow.db",
         "--storage-path",
-        str(tmp_path / "storage"),
+        (tmp_path / "storage").as_uri(),
     ]
     address = ray.get_runtime_context().gcs_address
     driver = subprocess.Popen(
@@ -112,11 +121,22 @@ def test_sigterm_stops_training_like_ctrl_c_and_resume_finishes_the_run(
     stopped_at = _steps(tmp_path, run.info.run_id, names.TRAIN_LOSS)
     assert run.info.status == "KILLED" and 40 not in stopped_at
 
-    assert main(["train", *args, "--resume"]) == 0
+    capsys.readouterr()
+    assert main(["train", *args, "--set", "model.decoder.temporal_conv=false", "--resume"]) == 2
+    assert "model.decoder.temporal_conv: True -> False" in capsys.readouterr().err
+    assert [r.info.status for r in _runs(tmp_path)] == ["KILLED"]
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert main(["train", *args, "--set", "train.num_steps=44", "--resume"]) == 0
 
     [resumed] = _runs(tmp_path)
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
-    assert _steps(tmp_path, run.info.run_id, names.TRAIN_LOSS) == list(range(4, 41, 4))
+    assert resumed.data.tags["resumed_with.train.num_steps"] == "44"
+    assert _steps(tmp_path, run.info.run_id, names.TRAIN_LOSS) == list(range(4, 45, 4))
+    records = list((tmp_path / "storage").glob(f"*/{RUN_RECORD}"))
+    assert [p.parent.name for p in records] == [run.info.run_name]
+    assert not (tmp_path / "cwd" / names.ARTIFACT_CONFIG).exists()  # only logged to MLflow
 
 
 def _terminate_self(

@@ -207,6 +207,8 @@ def _per_class(
 ) -> dict[str, pd.DataFrame]:
     motion = _finished(frame, names.KIND_TRAIN)
     motion = motion[motion[names.TAG_DATASET] == MOTION_STAND_IN]
+    # a search sample that ASHA stopped early never evaluated its last step: no per-class file
+    motion = motion[motion[names.TAG_EARLY_STOPPED] != "true"]
     found: dict[str, pd.DataFrame] = {}
     for run_id in motion["run_id"]:
         text = _artifact_text(tracker, run_id, names.ARTIFACT_PER_CLASS)
