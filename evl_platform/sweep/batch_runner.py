@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +86,7 @@ def run_batch(batch: BatchPlan, options: SweepOptions | None = None) -> BatchOut
                     tracker, plan, resume=options.resume, tags=tags
                 )
             if options.resume:  # the batch keeps its name: the reopened parents' tag
-                name = _batch_name(tracker, parents.values()) or name
+                name = next((p.batch for p in parents.values() if p.batch), name)
             print(
                 f"batch {name}: {len(batch.plans)} tables, {batch.cells} cells trained by "
                 f"{batch.unique} runs ({tracker.uri})",
@@ -105,15 +105,6 @@ def run_batch(batch: BatchPlan, options: SweepOptions | None = None) -> BatchOut
         finally:
             for parent in parents.values():
                 tracker.terminate(parent.run_id, status)
-
-
-def _batch_name(tracker: Tracker, parents: Iterable[SweepParent]) -> str | None:
-    """The batch tag of the first of ``parents`` that has one."""
-    for parent in parents:
-        tags = tracker.client.get_run(parent.run_id).data.tags
-        if tags.get(names.TAG_BATCH):
-            return tags[names.TAG_BATCH]
-    return None
 
 
 def _now() -> str:

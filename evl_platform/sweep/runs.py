@@ -27,10 +27,12 @@ from evl_platform.train.errors import ResumeError
 
 @dataclass(frozen=True)
 class SweepParent:
-    """The sweep's parent MLflow run."""
+    """The sweep's parent MLflow run: its id, name and, where it belongs to a batch over
+    several ablation files, the batch's name (its :data:`~names.TAG_BATCH` tag)."""
 
     run_id: str
     name: str
+    batch: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def open_parent(
             )
         run = unfinished[0]
         tracker.reopen(run.info.run_id)
-        return SweepParent(run.info.run_id, run.info.run_name)
+        return SweepParent(run.info.run_id, run.info.run_name, run.data.tags.get(names.TAG_BATCH))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"{spec.name}-{ablation.profile}-{stamp}"
     run_id = tracker.create_run(
@@ -99,7 +101,7 @@ def open_parent(
         copy = Path(directory) / names.ARTIFACT_ABLATION
         copy.write_text(ablation.text, encoding="utf-8")
         tracker.log_artifact(run_id, copy)
-    return SweepParent(run_id, name)
+    return SweepParent(run_id, name, (tags or {}).get(names.TAG_BATCH))
 
 
 def trial_runs(tracker: Tracker, experiment: str, parent_run_id: str) -> dict[str, Run]:
